@@ -1,0 +1,404 @@
+// CPU kernels against the float64 reference: every broadcast rule, casting mode, dtype mix,
+// absent inputs, D from 1 to beyond 65536, empty input, determinism, in place, poisoned outputs.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "reference.h"
+
+using namespace modnorm;
+using namespace modnorm_test;
+
+namespace {
+
+enum class Kind { kShared, kPerSample, kPerToken, kTokenShared, kPerFrame, kGroups, kChunk };
+
+struct Case {
+  DType xt = DType::kFloat32, wt = DType::kFloat32, st = DType::kFloat32, ht = DType::kFloat32;
+  CastingMode mode = CastingMode::kLlama;
+  int64_t B = 2, T = 6, D = 64;
+  bool weight = true, scale = true, shift = true;
+  Kind kind = Kind::kPerSample;
+  double offset = 0.0, scale_offset = 1.0;
+};
+
+std::string describe(const Case& c) {
+  std::ostringstream os;
+  os << "x=" << dtype_name(c.xt) << " w=" << dtype_name(c.wt) << " s=" << dtype_name(c.st)
+     << " h=" << dtype_name(c.ht) << " mode=" << static_cast<int>(c.mode) << " B=" << c.B
+     << " T=" << c.T << " D=" << c.D << " weight=" << c.weight << " scale=" << c.scale
+     << " shift=" << c.shift << " kind=" << static_cast<int>(c.kind);
+  return os.str();
+}
+
+double tolerance(DType t) {
+  switch (t) {
+    case DType::kFloat32: return 2e-6;
+    case DType::kFloat16: return 2e-3;
+    case DType::kBFloat16: return 1.5e-2;
+  }
+  return 0;
+}
+
+// One modulation tensor of a case: its memory, its view and the reference's row mapping.
+struct Modulation {
+  Buffer buf;
+  TensorRef view;
+  RowOffset offset;                      // x row -> element offset in buf
+  std::function<int64_t(int64_t)> grad;  // gradient row -> element offset in buf
+  int64_t grad_rows = 0;
+};
+
+Modulation make_modulation(const Case& c, DType t) {
+  const int64_t B = c.B, T = c.T, D = c.D;
+  Modulation m;
+  auto contiguous = [&](std::initializer_list<int64_t> shape, int64_t rows, RowOffset off) {
+    m.buf = random_buffer(t, rows * D, 0.5);
+    m.view = make_tensor(m.buf.data(), t, shape);
+    m.offset = off;
+    m.grad = [D](int64_t g) { return g * D; };
+    m.grad_rows = rows;
+  };
+  switch (c.kind) {
+    case Kind::kShared: contiguous({D}, 1, [](int64_t) { return 0; }); break;
+    case Kind::kPerSample: contiguous({B, D}, B, [=](int64_t r) { return (r / T) * D; }); break;
+    case Kind::kGroups: contiguous({B, D}, B, [=](int64_t r) { return (r / T) * D; }); break;
+    case Kind::kPerToken: contiguous({B, T, D}, B * T, [=](int64_t r) { return r * D; }); break;
+    case Kind::kTokenShared: contiguous({T, D}, T, [=](int64_t r) { return (r % T) * D; }); break;
+    case Kind::kPerFrame:  // T = F * HW with HW = 2
+      contiguous({B, T / 2, 1, D}, B * T / 2, [=](int64_t r) { return (r / 2) * D; });
+      break;
+    case Kind::kChunk: {  // chunk 1 of a (B, 1, 3*D) projection
+      m.buf = random_buffer(t, B * 3 * D, 0.5);
+      m.view = make_strided_tensor(static_cast<char*>(m.buf.data()) + D * dtype_size(t), t,
+                                   {B, 1, D}, {3 * D, 3 * D, 1});
+      m.offset = [=](int64_t r) { return (r / T) * 3 * D + D; };
+      m.grad = [=](int64_t g) { return g * 3 * D + D; };
+      m.grad_rows = B;
+      break;
+    }
+  }
+  return m;
+}
+
+TensorRef x_view(const Case& c, Buffer& x) {
+  switch (c.kind) {
+    case Kind::kGroups: return make_tensor(x.data(), c.xt, {c.B * c.T, c.D});
+    case Kind::kPerFrame: return make_tensor(x.data(), c.xt, {c.B, c.T / 2, 2, c.D});
+    default: return make_tensor(x.data(), c.xt, {c.B, c.T, c.D});
+  }
+}
+
+struct Outputs {
+  Buffer y, dx, dw, ds, dh;
+  std::vector<float> rstd;
+};
+
+struct Problem {
+  Case c;
+  Buffer x, w, dy;
+  Modulation s, h;
+  ForwardPlan fwd;
+
+  explicit Problem(const Case& cs) : c(cs) {
+    const int64_t rows = c.B * c.T;
+    x = random_buffer(c.xt, rows * c.D, 2.0);
+    dy = random_buffer(c.xt, rows * c.D, 1.0);
+    if (c.weight) w = random_buffer(c.wt, c.D, 1.0);
+    if (c.scale) s = make_modulation(c, c.st);
+    if (c.shift) h = make_modulation(c, c.ht);
+    const TensorRef xv = x_view(c, x);
+    const TensorRef wv = make_tensor(w.data(), c.wt, {c.D});
+    Options o;
+    o.casting_mode = c.mode;
+    o.offset = c.offset;
+    o.scale_offset = c.scale_offset;
+    fwd = plan_forward(xv, c.weight ? &wv : nullptr, c.scale ? &s.view : nullptr,
+                       c.shift ? &h.view : nullptr, o);
+  }
+
+  Outputs run(bool in_place = false) {
+    const int64_t rows = c.B * c.T;
+    Outputs o;
+    o.y = Buffer(c.xt, rows * c.D);
+    o.y.poison();
+    o.rstd.assign(rows, std::nanf(""));
+    forward(fwd, o.y.data(), o.rstd.data());
+
+    GradMask mask{true, c.weight, c.scale, c.shift};
+    const BackwardPlan bp = plan_backward(fwd, make_tensor(dy.data(), c.xt, {rows, c.D}), mask);
+    Buffer dy_copy = dy;
+    if (in_place) {
+      o.dx = dy_copy;  // dx written over (a copy of) dy
+    } else {
+      o.dx = Buffer(c.xt, rows * c.D);
+      o.dx.poison();
+    }
+    BackwardPlan bpi = bp;
+    if (in_place) bpi.dy = o.dx.data();
+    if (c.weight) (o.dw = Buffer(c.wt, c.D)).poison();
+    if (c.scale) (o.ds = Buffer(c.st, s.grad_rows * c.D)).poison();
+    if (c.shift) (o.dh = Buffer(c.ht, h.grad_rows * c.D)).poison();
+    std::vector<uint8_t> ws(backward_workspace_bytes(bpi));
+    Gradients g{o.dx.data(), c.weight ? o.dw.data() : nullptr, c.scale ? o.ds.data() : nullptr,
+                c.shift ? o.dh.data() : nullptr};
+    backward(bpi, o.rstd.data(), g, ws.data(), ws.size());
+    return o;
+  }
+
+  void check(const Outputs& o) {
+    const int64_t rows = c.B * c.T;
+    const Reference ref = reference(x, rows, c.D, c.weight ? &w : nullptr,
+                                    {c.scale ? &s.buf : nullptr, s.offset},
+                                    {c.shift ? &h.buf : nullptr, h.offset}, dy, 1e-6, c.offset,
+                                    c.scale_offset);
+    const double tol = tolerance(c.xt);
+    EXPECT_LT(rel_error(o.y, ref.y), tol) << describe(c);
+    std::vector<double> rstd(o.rstd.begin(), o.rstd.end());
+    EXPECT_LT(rel_error(rstd, ref.rstd), 1e-6) << describe(c);
+    {
+      double num = 0, den = 0;
+      for (size_t i = 0; i < ref.dx.size(); ++i) {
+        const double d = o.dx.get(static_cast<int64_t>(i)) - ref.dx[i];
+        num += d * d;
+        den += ref.dx[i] * ref.dx[i];
+      }
+      const double scale = std::max(std::sqrt(den), ref.dx_terms_norm);
+      EXPECT_LT(std::sqrt(num) / scale, 2 * tol) << describe(c);
+    }
+    auto gathered = [&](const Modulation& m, const std::vector<double>& full) {
+      std::vector<double> out;
+      for (int64_t g = 0; g < m.grad_rows; ++g) {
+        for (int64_t j = 0; j < c.D; ++j) out.push_back(full[m.grad(g) + j]);
+      }
+      return out;
+    };
+    // Gradients stored in their own dtypes add that dtype's rounding.
+    if (c.weight) EXPECT_LT(rel_error(o.dw, ref.dweight), 2 * tol + tolerance(c.wt)) << describe(c);
+    if (c.scale) {
+      EXPECT_LT(rel_error(o.ds, gathered(s, ref.dscale)), 2 * tol + tolerance(c.st)) << describe(c);
+    }
+    if (c.shift) {
+      EXPECT_LT(rel_error(o.dh, gathered(h, ref.dshift)), 2 * tol + tolerance(c.ht)) << describe(c);
+    }
+  }
+};
+
+void run_and_check(const Case& c) {
+  Problem p(c);
+  p.check(p.run());
+}
+
+constexpr DType kDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+constexpr CastingMode kModes[] = {CastingMode::kLlama, CastingMode::kGemma, CastingMode::kNone};
+
+bool bitwise_equal(const Buffer& a, const Buffer& b) { return a.bytes == b.bytes; }
+
+}  // namespace
+
+TEST(CpuKernels, DtypesModesAndSizes) {
+  for (DType t : kDtypes) {
+    for (CastingMode m : kModes) {
+      for (int64_t D : {1, 7, 128, 1000}) {
+        Case c;
+        c.xt = c.wt = c.st = c.ht = t;
+        c.mode = m;
+        c.D = D;
+        c.offset = m == CastingMode::kGemma ? 1.0 : 0.0;
+        run_and_check(c);
+      }
+    }
+  }
+}
+
+TEST(CpuKernels, EveryBroadcastRule) {
+  for (Kind k : {Kind::kShared, Kind::kPerSample, Kind::kPerToken, Kind::kTokenShared,
+                 Kind::kPerFrame, Kind::kGroups, Kind::kChunk}) {
+    for (DType t : {DType::kFloat32, DType::kBFloat16}) {
+      Case c;
+      c.kind = k;
+      c.xt = c.wt = c.st = c.ht = t;
+      c.B = 3;
+      c.T = 8;
+      c.D = 96;
+      run_and_check(c);
+    }
+  }
+}
+
+TEST(CpuKernels, MixedDtypes) {
+  for (DType xt : kDtypes) {
+    for (DType mt : kDtypes) {
+      Case c;
+      c.xt = xt;
+      c.st = c.ht = mt;
+      c.wt = mt == DType::kFloat32 ? DType::kBFloat16 : DType::kFloat32;
+      c.D = 80;
+      run_and_check(c);
+    }
+  }
+  Case c;  // scale and shift of different dtypes and shapes
+  c.xt = DType::kBFloat16;
+  c.st = DType::kFloat32;
+  c.ht = DType::kFloat16;
+  run_and_check(c);
+}
+
+TEST(CpuKernels, AbsentInputs) {
+  for (bool weight : {false, true}) {
+    for (int mod = 0; mod < 3; ++mod) {  // no scale; scale only; scale and shift
+      Case c;
+      c.weight = weight;
+      c.scale = mod >= 1;
+      c.shift = mod >= 2;
+      c.offset = 0.5;  // unused without weight
+      run_and_check(c);
+    }
+  }
+}
+
+TEST(CpuKernels, ScaleOffsetZeroMultipliesAsGiven) {
+  Case c;
+  c.scale_offset = 0.0;
+  run_and_check(c);
+}
+
+TEST(CpuKernels, LargeD) {
+  Case c;
+  c.B = 1;
+  c.T = 3;
+  c.D = 70000;
+  c.xt = DType::kBFloat16;
+  c.st = c.ht = DType::kFloat32;
+  run_and_check(c);
+}
+
+TEST(CpuKernels, ManyRowsSharedModulation) {
+  // Enough rows that the backward splits them over many tasks and segments.
+  for (Kind k : {Kind::kPerSample, Kind::kShared, Kind::kTokenShared}) {
+    Case c;
+    c.kind = k;
+    c.B = 3;
+    c.T = 700;
+    c.D = 48;
+    run_and_check(c);
+  }
+}
+
+TEST(CpuKernels, EmptyInput) {
+  // x (2, 0, D) with per-sample modulation: nothing to compute, parameter gradients are zero.
+  const int64_t D = 8;
+  Buffer x(DType::kFloat32, 0), dy(DType::kFloat32, 0);
+  Buffer w = random_buffer(DType::kFloat32, D), s = random_buffer(DType::kBFloat16, 2 * D);
+  const TensorRef xv = make_tensor(nullptr, DType::kFloat32, {2, 0, D});
+  const TensorRef wv = make_tensor(w.data(), DType::kFloat32, {D});
+  const TensorRef sv = make_tensor(s.data(), DType::kBFloat16, {2, D});
+  const ForwardPlan p = plan_forward(xv, &wv, &sv, nullptr, {});
+  EXPECT_TRUE(p.empty());
+  forward(p, nullptr, nullptr);  // no-op
+  const BackwardPlan bp = plan_backward(p, make_tensor(nullptr, DType::kFloat32, {2, 0, D}),
+                                        {true, true, true, false});
+  Buffer dw(DType::kFloat32, D), ds(DType::kBFloat16, 2 * D);
+  dw.poison();
+  ds.poison();
+  std::vector<uint8_t> ws(backward_workspace_bytes(bp) + 1);
+  backward(bp, nullptr, {nullptr, dw.data(), ds.data(), nullptr}, ws.data(), ws.size());
+  for (int64_t i = 0; i < D; ++i) EXPECT_EQ(dw.get(i), 0.0);
+  for (int64_t i = 0; i < 2 * D; ++i) EXPECT_EQ(ds.get(i), 0.0);
+}
+
+TEST(CpuKernels, DeterministicAcrossRunsAndThreadCounts) {
+  Case c;
+  c.B = 4;
+  c.T = 500;
+  c.D = 256;
+  c.xt = DType::kBFloat16;
+  c.st = c.ht = DType::kFloat32;
+  Problem p(c);
+  const Outputs a = p.run(), b = p.run();
+  set_cpu_parallel_for([](int64_t n, void* ctx, ParallelBody body) { body(ctx, 0, n); });
+  const Outputs serial = p.run();
+  set_cpu_parallel_for(nullptr);
+  for (const Outputs* o : {&b, &serial}) {
+    EXPECT_TRUE(bitwise_equal(a.y, o->y));
+    EXPECT_TRUE(bitwise_equal(a.dx, o->dx));
+    EXPECT_TRUE(bitwise_equal(a.dw, o->dw));
+    EXPECT_TRUE(bitwise_equal(a.ds, o->ds));
+    EXPECT_TRUE(bitwise_equal(a.dh, o->dh));
+  }
+}
+
+TEST(CpuKernels, InPlaceMatchesSeparateBuffers) {
+  for (Kind k : {Kind::kPerSample, Kind::kTokenShared, Kind::kPerToken}) {
+    Case c;
+    c.kind = k;
+    c.xt = c.st = c.ht = c.wt = DType::kBFloat16;
+    Problem p(c);
+    const Outputs a = p.run(false), b = p.run(true);
+    EXPECT_TRUE(bitwise_equal(a.dx, b.dx));
+    EXPECT_TRUE(bitwise_equal(a.dw, b.dw));
+    EXPECT_TRUE(bitwise_equal(a.ds, b.ds));
+    EXPECT_TRUE(bitwise_equal(a.dh, b.dh));
+  }
+}
+
+TEST(CpuKernels, NothingWrittenOnError) {
+  Case c;
+  Problem p(c);
+  const int64_t rows = c.B * c.T;
+  std::vector<float> rstd(rows, 1.f);
+  const BackwardPlan bp =
+      plan_backward(p.fwd, make_tensor(p.dy.data(), c.xt, {rows, c.D}), {true, true, true, true});
+  Buffer dx(c.xt, rows * c.D), dw(c.wt, c.D), ds(c.st, c.B * c.D), dh(c.ht, c.B * c.D);
+  for (Buffer* b : {&dx, &dw, &ds, &dh}) b->poison();
+  const Buffer before = dx;
+  std::vector<uint8_t> ws(backward_workspace_bytes(bp));
+  // Too small a workspace, then a missing output: both refused before any write.
+  EXPECT_THROW(backward(bp, rstd.data(), {dx.data(), dw.data(), ds.data(), dh.data()},
+                        ws.data(), ws.size() ? ws.size() - 1 : 0),
+               Error);
+  EXPECT_THROW(backward(bp, rstd.data(), {dx.data(), nullptr, ds.data(), dh.data()}, ws.data(),
+                        ws.size()),
+               Error);
+  EXPECT_TRUE(bitwise_equal(dx, before));
+  for (int64_t i = 0; i < c.D; ++i) EXPECT_TRUE(std::isnan(dw.get(i)));
+}
+
+TEST(CpuKernels, NanAndInfPropagateLikeEager) {
+  // One row with an Inf: rstd = 0, finite elements give 0 and the Inf gives NaN (as eager's
+  // x * rsqrt(inf) does); a NaN row is NaN throughout; other rows are unaffected.
+  const int64_t D = 4;
+  Buffer x(DType::kFloat32, 3 * D);
+  for (int64_t i = 0; i < 3 * D; ++i) x.set(i, 1.0 + i);
+  x.set(1, INFINITY);
+  x.set(D + 2, NAN);
+  const ForwardPlan p =
+      plan_forward(make_tensor(x.data(), DType::kFloat32, {3, D}), nullptr, nullptr, nullptr, {});
+  Buffer y(DType::kFloat32, 3 * D);
+  std::vector<float> rstd(3);
+  forward(p, y.data(), rstd.data());
+  EXPECT_EQ(y.get(0), 0.0);
+  EXPECT_TRUE(std::isnan(y.get(1)));
+  for (int64_t j = 0; j < D; ++j) EXPECT_TRUE(std::isnan(y.get(D + j)));
+  for (int64_t j = 0; j < D; ++j) EXPECT_TRUE(std::isfinite(y.get(2 * D + j)));
+}
+
+TEST(CpuKernels, RowsWithAStride) {
+  // x is a (rows, D) slice of a (rows, 2D) buffer: read in place.
+  const int64_t rows = 5, D = 16;
+  Buffer wide = random_buffer(DType::kFloat32, rows * 2 * D);
+  Buffer packed(DType::kFloat32, rows * D);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < D; ++j) packed.set(r * D + j, wide.get(r * 2 * D + j));
+  }
+  auto run = [&](const TensorRef& xv) {
+    Buffer y(DType::kFloat32, rows * D);
+    std::vector<float> rstd(rows);
+    forward(plan_forward(xv, nullptr, nullptr, nullptr, {}), y.data(), rstd.data());
+    return y;
+  };
+  const Buffer a = run(make_strided_tensor(wide.data(), DType::kFloat32, {rows, D}, {2 * D, 1}));
+  const Buffer b = run(make_tensor(packed.data(), DType::kFloat32, {rows, D}));
+  EXPECT_TRUE(bitwise_equal(a, b));
+}
