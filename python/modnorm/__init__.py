@@ -11,6 +11,7 @@ defaults) plus ``scale_offset``. The ops are registered with ``torch.library`` a
 from . import _ops  # noqa: F401  (loads the extension and registers the ops)
 from .functional import modulated_rms_norm, rms_norm
 from .modules import ModulatedRMSNorm, RMSNorm
+from . import reference  # noqa: F401  (the unfused eager code, for tests and benchmarks)
 
 __all__ = ["modulated_rms_norm", "rms_norm", "ModulatedRMSNorm", "RMSNorm"]
 __version__ = "0.1.0"
