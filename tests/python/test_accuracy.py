@@ -71,8 +71,9 @@ def test_scale_offset_zero(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("D", [1, 3, 127, 1000, 4099])
-def test_odd_sizes(device, D):
-    check_case(device, torch.bfloat16, "llama", 0.0, "per_sample", True, True, D=D, T=5)
+@pytest.mark.parametrize("kind", ["per_sample", "chunk", "token_shared"])
+def test_odd_sizes(device, D, kind):
+    check_case(device, torch.bfloat16, "llama", 0.0, kind, True, True, D=D, T=5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,28 @@
+# Sourced by the other scripts: a Python environment with modnorm built and installed.
+#
+# By default a virtual environment in .venv with the pinned requirements (a fresh machine needs
+# nothing else). MODNORM_USE_SYSTEM_PYTHON=1 uses the python3 on PATH as it is (the GPU machines,
+# which have torch and no network).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [[ "${MODNORM_USE_SYSTEM_PYTHON:-0}" == "1" ]]; then
+  PY=python3
+else
+  if [[ ! -x .venv/bin/python ]]; then
+    echo "[modnorm] creating .venv" >&2
+    python3 -m venv .venv
+  fi
+  PY="$ROOT/.venv/bin/python"
+  "$PY" -m pip install -q --upgrade pip >/dev/null
+  echo "[modnorm] installing pinned requirements (requirements/ci.txt)" >&2
+  "$PY" -m pip install -q -r requirements/ci.txt
+  export PATH="$ROOT/.venv/bin:$PATH"
+fi
+# One CMake build: the core (with CUDA when nvcc is found), the C++ tests and example, and the
+# PyTorch extension, installed into the environment.
+BUILD_DIR="${MODNORM_BUILD_DIR:-build/py}"
+echo "[modnorm] building and installing modnorm (build dir $BUILD_DIR)" >&2
+"$PY" -m pip install -q --no-build-isolation --no-deps \
+  -C build-dir="$BUILD_DIR" -C cmake.define.MODNORM_TESTS=ON -C cmake.define.MODNORM_REQUIRE_GTEST=${MODNORM_REQUIRE_GTEST:-ON} \
+  ${MODNORM_PIP_ARGS:-} .

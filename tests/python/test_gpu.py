@@ -1,0 +1,72 @@
+"""GPU-only checks: more than 2^31 elements, misaligned and strided layouts, CPU/GPU agreement."""
+
+import pytest
+import torch
+
+import modnorm
+from modnorm.reference import modulated_rms_norm_eager
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements():
+    D = 4096
+    rows = (1 << 31) // D + 96  # 2^31 + 393216 elements
+    x = torch.randn(1, rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = (0.1 * torch.randn(1, D, device="cuda")).requires_grad_()
+    h = (0.1 * torch.randn(1, D, device="cuda")).requires_grad_()
+    y = modnorm.modulated_rms_norm(x, None, s, h)
+    tail = slice(rows - 200, rows)  # rows whose elements sit past index 2^31
+    y_tail = modulated_rms_norm_eager(x.detach()[:, tail].float(), None, s.detach(), h.detach())
+    torch.testing.assert_close(y[:, tail].float(), y_tail, atol=2e-2, rtol=2e-2)
+    dy = torch.randn_like(x)
+    gx, gs, gh = torch.autograd.grad(y, (x, s, h), dy)
+    del y
+    xt = x.detach()[:, tail].float().requires_grad_()
+    yt = modulated_rms_norm_eager(xt, None, s.detach(), h.detach())
+    (gxt,) = torch.autograd.grad(yt, xt, dy[:, tail].float())
+    torch.testing.assert_close(gx[:, tail].float(), gxt, atol=2e-2, rtol=2e-2)
+    # dshift = sum of dy over every row, accumulated here in float64 chunk by chunk
+    ref = torch.zeros(D, device="cuda", dtype=torch.float64)
+    for start in range(0, rows, 1 << 16):
+        ref += dy[0, start : start + (1 << 16)].double().sum(0)
+    torch.testing.assert_close(gh[0].double(), ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-3)
+    assert torch.isfinite(gs).all()
+
+
+@pytest.mark.parametrize("D", [8, 127, 1152, 2050])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_misaligned_and_strided(D, dtype):
+    # x a slice starting one element into a wider buffer (no 16-byte alignment, row stride D + 3),
+    # modulation a chunk view whose offset is D elements (odd D: misaligned).
+    wide = torch.randn(2, 9, D + 3, device="cuda", dtype=dtype)
+    x = wide[..., 1 : D + 1].requires_grad_()
+    proj = (0.3 * torch.randn(2, 1, 3 * D, device="cuda", dtype=dtype)).requires_grad_()
+    shift, scale, _ = proj.chunk(3, dim=-1)
+    w = torch.randn(D, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, 9, D, device="cuda", dtype=dtype)
+    y = modnorm.modulated_rms_norm(x, w, scale, shift, in_place=False)
+    g = torch.autograd.grad(y, (x, w, proj), dy)
+    xc, wc, pc = (t.detach().cpu().requires_grad_() for t in (x, w, proj))
+    sc, hc = pc.chunk(3, dim=-1)[1], pc.chunk(3, dim=-1)[0]
+    yc = modnorm.modulated_rms_norm(xc, wc, sc, hc, in_place=False)
+    gc = torch.autograd.grad(yc, (xc, wc, pc), dy.cpu())
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(y.cpu(), yc, **tol)
+    for a, b in zip(g, gc):
+        torch.testing.assert_close(a.cpu(), b, **tol)
+
+
+@pytest.mark.parametrize("kind", ["per_sample", "per_token", "token_shared"])
+def test_gpu_and_cpu_agree(kind):
+    B, T, D = 2, 300, 3072
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    shape = {"per_sample": (B, D), "per_token": (B, T, D), "token_shared": (T, D)}[kind]
+    s = 0.2 * torch.randn(shape, device="cuda")
+    h = 0.2 * torch.randn(shape, device="cuda")
+    w = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    y = modnorm.modulated_rms_norm(x, w, s, h)
+    yc = modnorm.modulated_rms_norm(x.cpu(), w.cpu(), s.cpu(), h.cpu())
+    # both round once at the end from float32; they may differ by one bf16 ulp
+    torch.testing.assert_close(y.cpu().float(), yc.float(), atol=1.6e-2, rtol=8e-3)
