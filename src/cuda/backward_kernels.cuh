@@ -1,0 +1,440 @@
+// Backward kernels.
+//
+// With g = dy, m = scale_offset + scale, dn = g*m, xhat = x*rstd, w = offset + weight, a = dn*w:
+//   dx = rstd * (a - xhat * mean(a * xhat)),  dweight = sum dn * xhat (llama: round(xhat)),
+//   dscale = sum g * norm(x),  dshift = sum g.
+//
+// backward_reg_kernel: the main path. A persistent grid whose row-to-block assignment is a fixed
+// function of the shape: block b owns a contiguous row range, inside one modulation group when
+// shared per-sample modulation gradients are fused (groups of rows_per_distinct consecutive rows).
+// Each thread owns fixed columns, so it accumulates dweight / shared dscale / dshift partials in
+// registers over its rows and writes them once, as block partials, at the end; finalize_kernel
+// sums those partials in a fixed order. Rows are held in registers: x and dy are read once, and
+// where registers allow (8 elements per thread or fewer) the next row's x and dy are loaded
+// while the current row is reduced. dx is written only after the whole dy row is in registers,
+// so dx may alias dy.
+//
+// backward_loop_kernel: rows too long for registers or unaligned layouts. dx (and per-row dscale
+// / dshift) only; walks the row twice, staging each thread's own x/dy vectors in shared memory
+// when they fit. Element j of dy is re-read (second walk) only by the thread that then writes
+// element j of dx, so in place stays safe.
+//
+// column_grad_kernel: read-only fixed-order partial sums over the rows that share a gradient row,
+// for any RowMap (e.g. (T, D) modulation shared over the batch) and for dweight on the loop path.
+// It runs before any kernel that writes dx, so an in-place dx can never feed it.
+#pragma once
+
+#include "forward_kernels.cuh"
+
+namespace modnorm::cuda_detail {
+
+struct BackwardArgs {
+  const void* x = nullptr;
+  const void* dy = nullptr;
+  const float* rstd = nullptr;
+  void* dx = nullptr;  // nullptr: dx not requested
+  int64_t rows = 0;
+  int64_t x_row_stride = 0;
+  int64_t dy_row_stride = 0;
+  int dim = 0;
+  int dim_vecs = 0;
+  const void* weight = nullptr;
+  const void* scale = nullptr;
+  int weight_dtype = 0, scale_dtype = 0, shift_dtype = 0;
+  float offset = 0.f, scale_offset = 1.f, inv_dim = 1.f;
+  DevMap scale_map, shift_map;
+  int dx_vectorized = 1;
+  // Modulation rows read by a single x row: gradients written straight from the row.
+  void* dscale_direct = nullptr;
+  void* dshift_direct = nullptr;
+  int dscale_vectorized = 1, dshift_vectorized = 1;
+  // Block partials [blocks][dim] (reg kernel only).
+  float* dweight_partials = nullptr;
+  float* dscale_partials = nullptr;
+  float* dshift_partials = nullptr;
+  // Row assignment (reg kernel): block b = group * blocks_per_group + sub owns rows
+  // [group*group_rows + sub*rows_per_block, +rows_per_block) clipped to its group.
+  int64_t group_rows = 0;
+  int64_t blocks_per_group = 1;
+  int64_t rows_per_block = 0;
+  int staged = 0;  // loop kernel
+};
+
+template <int THREADS>
+constexpr int backward_min_blocks() {
+  return THREADS >= 512 ? 1 : 512 / THREADS;
+}
+
+// Per-vector gradient math shared by the register and loop kernels: returns this vector's share
+// of sum(a * xhat), accumulates partials and writes direct modulation gradients as asked.
+template <DType XT, CastingMode M, int VEC, bool kAccumulate>
+__device__ __forceinline__ float backward_vector(const BackwardArgs& p, const float* xf,
+                                                 const float* gf, float rstd, int v,
+                                                 int64_t scale_idx, int64_t dscale_row,
+                                                 int64_t dshift_row, float* acc_w, float* acc_s,
+                                                 float* acc_h) {
+  float w[VEC], m[VEC];
+  const int64_t col = static_cast<int64_t>(v) * VEC;
+  load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+  float dot = 0.f;
+  float direct[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    const float xhat = xf[e] * rstd;
+    const float dn = gf[e] * m[e];
+    dot += dn * w[e] * xhat;
+    if constexpr (kAccumulate) {
+      if (p.dweight_partials != nullptr) acc_w[e] += dn * weight_factor<M, XT>(xhat);
+      if (p.dscale_partials != nullptr) acc_s[e] += gf[e] * norm_value<M, XT>(xhat, w[e]);
+      if (p.dshift_partials != nullptr) acc_h[e] += gf[e];
+    }
+    direct[e] = gf[e] * norm_value<M, XT>(xhat, w[e]);
+  }
+  if (p.dscale_direct != nullptr) {
+    store_any<VEC>(p.dscale_direct, p.scale_dtype, dscale_row * p.dim + col, direct,
+                   p.dscale_vectorized != 0);
+  }
+  if (p.dshift_direct != nullptr) {
+    store_any<VEC>(p.dshift_direct, p.shift_dtype, dshift_row * p.dim + col, gf,
+                   p.dshift_vectorized != 0);
+  }
+  return dot;
+}
+
+// a = g*m*w is recomputed rather than kept from the first step: w and m come back from L1, and
+// the registers go to the partial sums.
+template <DType XT, CastingMode M, int VEC>
+__device__ __forceinline__ void store_dx(const BackwardArgs& p, const float* xf, const float* gf,
+                                         float rstd, float c, int v, int64_t scale_idx,
+                                         void* dxrow) {
+  float w[VEC], m[VEC], out[VEC];
+  const int64_t col = static_cast<int64_t>(v) * VEC;
+  load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) out[e] = rstd * (gf[e] * m[e] * w[e] - xf[e] * rstd * c);
+  store_elems<XT, VEC>(dxrow, col, out, p.dx_vectorized != 0);
+}
+
+template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS>
+__global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>())
+    backward_reg_kernel(const __grid_constant__ BackwardArgs p) {
+  static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
+  using Raw = XRaw<XT, VEC>;
+  __shared__ float red[32];
+  extern __shared__ float team_partials[];  // [TEAMS][dim], only when TEAMS > 1
+  const int team = threadIdx.x / TPR;
+  const int lane = threadIdx.x % TPR;
+
+  const int64_t group = blockIdx.x / p.blocks_per_group;
+  const int64_t sub = blockIdx.x % p.blocks_per_group;
+  const int64_t group_begin = group * p.group_rows;
+  const int64_t group_end = min(group_begin + p.group_rows, p.rows);
+  const int64_t row_begin = min(group_begin + sub * p.rows_per_block, group_end);
+  const int64_t row_end = min(row_begin + p.rows_per_block, group_end);
+
+  float acc_w[NV][VEC], acc_s[NV][VEC], acc_h[NV][VEC];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc_w[i][e] = acc_s[i][e] = acc_h[i][e] = 0.f;
+  }
+
+  auto load_row = [&](int64_t row, Raw (&xr)[NV], Raw (&gr)[NV]) {
+    const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
+    // dy is read with plain loads: its memory may be the dx this kernel writes.
+    const Raw* grow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.dy, row * p.dy_row_stride));
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * TPR;
+      if (v < p.dim_vecs) {
+        xr[i] = __ldg(xrow + v);
+        gr[i] = grow[v];
+      }
+    }
+  };
+
+  // Prefetching the next row costs a second set of row registers; threads with 16 elements
+  // would spill, and rely on the other resident warps to hide latency instead.
+  constexpr bool kPrefetch = NV * VEC <= 8;
+  Raw x_next[NV], g_next[NV];
+  if (kPrefetch && row_begin + team < row_end) load_row(row_begin + team, x_next, g_next);
+
+  for (int64_t base = row_begin; base < row_end; base += TEAMS) {
+    const int64_t row = base + team;
+    const bool active = row < row_end;
+    Raw xr[NV], gr[NV];
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        xr[i] = x_next[i];
+        gr[i] = g_next[i];
+      }
+      if (row + TEAMS < row_end) load_row(row + TEAMS, x_next, g_next);
+    } else if (active) {
+      load_row(row, xr, gr);
+    }
+
+    float dot = 0.f;
+    float rstd = 0.f;
+    int64_t scale_idx = 0;
+    if (active) {
+      rstd = p.rstd[row];
+      scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row) : 0;
+      const int64_t dscale_row = p.dscale_direct != nullptr ? map_grad_row(p.scale_map, row) : 0;
+      const int64_t dshift_row = p.dshift_direct != nullptr ? map_grad_row(p.shift_map, row) : 0;
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (v < p.dim_vecs) {
+          float xf[VEC], gf[VEC];
+          unpack<XT, VEC>(xr[i], xf);
+          unpack<XT, VEC>(gr[i], gf);
+          dot += backward_vector<XT, M, VEC, true>(p, xf, gf, rstd, v, scale_idx, dscale_row,
+                                                   dshift_row, acc_w[i], acc_s[i], acc_h[i]);
+        }
+      }
+    }
+    const float c = team_sum<TPR>(dot, red) * p.inv_dim;
+    if (active && p.dx != nullptr) {
+      void* dxrow = elem_ptr<XT>(p.dx, row * static_cast<int64_t>(p.dim));
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (v < p.dim_vecs) {
+          float xf[VEC], gf[VEC];
+          unpack<XT, VEC>(xr[i], xf);
+          unpack<XT, VEC>(gr[i], gf);
+          store_dx<XT, M, VEC>(p, xf, gf, rstd, c, v, scale_idx, dxrow);
+        }
+      }
+    }
+  }
+
+  // Block partials: teams combine in team order, so the sum is a fixed function of the shape.
+  auto flush = [&](float (&acc)[NV][VEC], float* partials) {
+    float* dst = partials + static_cast<int64_t>(blockIdx.x) * p.dim;
+    if constexpr (TEAMS == 1) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (v < p.dim_vecs) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) dst[v * VEC + e] = acc[i][e];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (v < p.dim_vecs) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) team_partials[team * p.dim + v * VEC + e] = acc[i][e];
+        }
+      }
+      __syncthreads();
+      for (int col = threadIdx.x; col < p.dim; col += blockDim.x) {
+        float s = 0.f;
+#pragma unroll
+        for (int t = 0; t < TEAMS; ++t) s += team_partials[t * p.dim + col];
+        dst[col] = s;
+      }
+      __syncthreads();
+    }
+  };
+  if (p.dweight_partials != nullptr) flush(acc_w, p.dweight_partials);
+  if (p.dscale_partials != nullptr) flush(acc_s, p.dscale_partials);
+  if (p.dshift_partials != nullptr) flush(acc_h, p.dshift_partials);
+}
+
+template <DType XT, CastingMode M, int VEC, int TPR, int TEAMS>
+__global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>())
+    backward_loop_kernel(const __grid_constant__ BackwardArgs p) {
+  static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
+  using Raw = XRaw<XT, VEC>;
+  __shared__ float red[32];
+  extern __shared__ uint4 stage_mem[];
+  Raw* x_stage = reinterpret_cast<Raw*>(stage_mem);  // [dim_vecs], only with TEAMS == 1
+  Raw* g_stage = x_stage + p.dim_vecs;
+  const int team = threadIdx.x / TPR;
+  const int lane = threadIdx.x % TPR;
+  const bool staged = p.staged != 0;
+  const bool second_walk =
+      p.dx != nullptr || p.dscale_direct != nullptr || p.dshift_direct != nullptr;
+  float unused[VEC];
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * TEAMS; base < p.rows;
+       base += static_cast<int64_t>(gridDim.x) * TEAMS) {
+    const int64_t row = base + team;
+    const bool active = row < p.rows;
+    const Raw* xrow =
+        reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, active ? row * p.x_row_stride : 0));
+    const Raw* grow =
+        reinterpret_cast<const Raw*>(elem_ptr<XT>(p.dy, active ? row * p.dy_row_stride : 0));
+    float rstd = 0.f, dot = 0.f;
+    int64_t scale_idx = 0;
+    if (active) {
+      rstd = p.rstd[row];
+      scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row) : 0;
+      for (int v = lane; v < p.dim_vecs; v += TPR) {
+        const Raw xraw = __ldg(xrow + v);
+        const Raw graw = grow[v];
+        if (staged) {
+          x_stage[v] = xraw;
+          g_stage[v] = graw;
+        }
+        float xf[VEC], gf[VEC], w[VEC], m[VEC];
+        unpack<XT, VEC>(xraw, xf);
+        unpack<XT, VEC>(graw, gf);
+        const int64_t col = static_cast<int64_t>(v) * VEC;
+        load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+        load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) dot += gf[e] * m[e] * w[e] * (xf[e] * rstd);
+      }
+    }
+    const float c = team_sum<TPR>(dot, red) * p.inv_dim;
+    if (!active || !second_walk) continue;
+    const int64_t dscale_row = p.dscale_direct != nullptr ? map_grad_row(p.scale_map, row) : 0;
+    const int64_t dshift_row = p.dshift_direct != nullptr ? map_grad_row(p.shift_map, row) : 0;
+    void* dxrow = p.dx != nullptr ? elem_ptr<XT>(p.dx, row * static_cast<int64_t>(p.dim)) : nullptr;
+    for (int v = lane; v < p.dim_vecs; v += TPR) {
+      const Raw xraw = staged ? x_stage[v] : __ldg(xrow + v);
+      const Raw graw = staged ? g_stage[v] : grow[v];
+      float xf[VEC], gf[VEC];
+      unpack<XT, VEC>(xraw, xf);
+      unpack<XT, VEC>(graw, gf);
+      if (p.dscale_direct != nullptr || p.dshift_direct != nullptr) {
+        backward_vector<XT, M, VEC, false>(p, xf, gf, rstd, v, scale_idx, dscale_row,
+                                            dshift_row, unused, unused, unused);
+      }
+      if (dxrow != nullptr) store_dx<XT, M, VEC>(p, xf, gf, rstd, c, v, scale_idx, dxrow);
+    }
+  }
+}
+
+struct ColumnArgs {
+  const void* x = nullptr;
+  const void* dy = nullptr;
+  const float* rstd = nullptr;
+  int64_t x_row_stride = 0;
+  int64_t dy_row_stride = 0;
+  int dim = 0;
+  int dim_vecs = 0;
+  const void* weight = nullptr;
+  const void* scale = nullptr;
+  int weight_dtype = 0, scale_dtype = 0;
+  float offset = 0.f, scale_offset = 1.f;
+  DevMap scale_map;      // how rows read scale (for dn = g*m)
+  DevMap reduce_map;     // which rows share each gradient row
+  int reduce_all_rows = 0;  // one gradient row read by every row, in order (dweight)
+  int64_t rows_per_unit = 0;  // rows_per_distinct of reduce_map
+  int64_t segments = 1;
+  int64_t rows_per_segment = 0;
+  // Partials [distinct][segments][dim]; nullptr: not computed.
+  float* dweight_partials = nullptr;
+  float* dscale_partials = nullptr;
+  float* dshift_partials = nullptr;
+};
+
+constexpr int kColumnLanes = 32;     // vector columns per block
+constexpr int kColumnRowLanes = 8;   // rows in flight per block
+
+// Block (unit, column tile): unit = gradient row * segments + segment; rows of the segment are
+// dealt round-robin to the 8 row lanes, whose sums are combined in lane order.
+template <DType XT, CastingMode M, int VEC>
+__global__ void __launch_bounds__(kColumnLanes* kColumnRowLanes)
+    column_grad_kernel(const __grid_constant__ ColumnArgs p) {
+  using Raw = XRaw<XT, VEC>;
+  constexpr int kTileCols = kColumnLanes * VEC;
+  __shared__ float lane_sums[kColumnRowLanes][kTileCols];
+  const int tx = threadIdx.x % kColumnLanes;
+  const int ty = threadIdx.x / kColumnLanes;
+  const int64_t unit = blockIdx.x;
+  const int64_t grad_row = unit / p.segments;
+  const int64_t segment = unit % p.segments;
+  const int v = blockIdx.y * kColumnLanes + tx;
+  const bool col_active = v < p.dim_vecs;
+  const int64_t col = static_cast<int64_t>(v) * VEC;
+  const int64_t k_begin = min(segment * p.rows_per_segment, p.rows_per_unit);
+  const int64_t k_end = min(k_begin + p.rows_per_segment, p.rows_per_unit);
+
+  float acc_w[VEC], acc_s[VEC], acc_h[VEC], w[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) acc_w[e] = acc_s[e] = acc_h[e] = 0.f;
+  if (col_active) load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+
+  if (col_active) {
+    for (int64_t k = k_begin + ty; k < k_end; k += kColumnRowLanes) {
+      const int64_t row = p.reduce_all_rows ? k : map_nth_row(p.reduce_map, grad_row, k);
+      const Raw xraw = __ldg(reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride)) + v);
+      const Raw graw = __ldg(reinterpret_cast<const Raw*>(elem_ptr<XT>(p.dy, row * p.dy_row_stride)) + v);
+      const float rstd = __ldg(p.rstd + row);
+      float xf[VEC], gf[VEC];
+      unpack<XT, VEC>(xraw, xf);
+      unpack<XT, VEC>(graw, gf);
+      if (p.dweight_partials != nullptr) {
+        float m[VEC];
+        const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row) : 0;
+        load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc_w[e] += gf[e] * m[e] * weight_factor<M, XT>(xf[e] * rstd);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        acc_s[e] += gf[e] * norm_value<M, XT>(xf[e] * rstd, w[e]);
+        acc_h[e] += gf[e];
+      }
+    }
+  }
+
+  auto combine = [&](const float (&acc)[VEC], float* partials) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) lane_sums[ty][tx * VEC + e] = acc[e];
+    __syncthreads();
+    const int64_t tile_col0 = static_cast<int64_t>(blockIdx.y) * kTileCols;
+    float* dst = partials + unit * p.dim + tile_col0;
+    for (int c = threadIdx.x; c < kTileCols; c += blockDim.x) {
+      if (tile_col0 + c < p.dim) {
+        float s = 0.f;
+#pragma unroll
+        for (int l = 0; l < kColumnRowLanes; ++l) s += lane_sums[l][c];
+        dst[c] = s;
+      }
+    }
+    __syncthreads();
+  };
+  if (p.dweight_partials != nullptr) combine(acc_w, p.dweight_partials);
+  if (p.dscale_partials != nullptr) combine(acc_s, p.dscale_partials);
+  if (p.dshift_partials != nullptr) combine(acc_h, p.dshift_partials);
+}
+
+constexpr int kFinalizeCols = 32;
+constexpr int kFinalizeLanes = 32;
+
+// out[group * dest_row_stride][j] = sum over k < parts, in order per lane then lanes in order,
+// of partials[(group * parts + k) * dim + j]. Block = (column tile, group).
+__global__ void __launch_bounds__(kFinalizeCols* kFinalizeLanes)
+    finalize_kernel(const float* __restrict__ partials, int64_t parts, int64_t dim,
+                    int64_t col_tiles, int64_t dest_row_stride, void* out, int out_dtype) {
+  __shared__ float lane_sums[kFinalizeLanes][kFinalizeCols + 1];
+  const int tx = threadIdx.x % kFinalizeCols;
+  const int ty = threadIdx.x / kFinalizeCols;
+  const int64_t group = blockIdx.x / col_tiles;
+  const int64_t j = (blockIdx.x % col_tiles) * kFinalizeCols + tx;
+  float s = 0.f;
+  if (j < dim) {
+    const float* src = partials + group * parts * dim + j;
+    for (int64_t k = ty; k < parts; k += kFinalizeLanes) s += src[k * dim];
+  }
+  lane_sums[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && j < dim) {
+    float t = 0.f;
+#pragma unroll 8
+    for (int l = 0; l < kFinalizeLanes; ++l) t += lane_sums[l][tx];
+    store_any<1>(out, out_dtype, group * dest_row_stride * dim + j, &t, false);
+  }
+}
+
+}  // namespace modnorm::cuda_detail

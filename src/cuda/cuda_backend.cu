@@ -1,0 +1,631 @@
+// CUDA backend: launch planning for the forward and backward kernels.
+//
+// Paths, chosen from the plan alone:
+//   forward:  rows held in registers (forward_reg_kernel) up to 4096 16-byte vectors per row,
+//             otherwise forward_loop_kernel (long rows, or layouts without 16-byte alignment).
+//   backward: backward_reg_kernel up to 1024 16-byte vectors per row, computing
+//             dx, dweight partials, per-row dscale/dshift, and fused partials for shared blocked
+//             (per-sample / per-frame / groups) modulation; everything else goes through the
+//             read-only column_grad_kernel first and backward_loop_kernel for dx.
+// Every reduction over rows writes fixed partials that finalize_kernel sums in a fixed order, and
+// the partial layout is a function of the shape and the device only: results are bitwise
+// reproducible, with no atomics.
+#include <climits>
+
+#include "../backend.h"
+#include "backward_kernels.cuh"
+#include "host_utils.h"
+
+namespace modnorm::detail {
+namespace {
+
+using cuda_detail::BackwardArgs;
+using cuda_detail::ColumnArgs;
+using cuda_detail::DevMap;
+using cuda_detail::ForwardArgs;
+using cuda_detail::XRaw;
+using cuda_detail::ceil_div;
+using cuda_detail::check_launch;
+using cuda_detail::device_info;
+using cuda_detail::blocks_per_sm;
+using cuda_detail::allow_dynamic_smem;
+using cuda_detail::elem_bytes;
+
+template <int NV, int TPR, int TEAMS>
+struct Config {
+  static constexpr int kNV = NV;
+  static constexpr int kTPR = TPR;
+  static constexpr int kTeams = TEAMS;
+  static constexpr int kThreads = TPR * TEAMS;
+};
+
+template <DType XT>
+constexpr int vector_width() {
+  return 16 / elem_bytes<XT>();
+}
+
+DevMap to_dev_map(const RowMap& m) {
+  DevMap d;
+  d.ndim = m.ndim;
+  for (int i = 0; i < m.ndim; ++i) {
+    d.size[i] = m.size[i];
+    d.stride[i] = m.stride[i];
+    d.grad_stride[i] = m.grad_stride[i];
+  }
+  d.rows_per_distinct = m.rows_per_distinct > 0 ? m.rows_per_distinct : 1;
+  d.distinct_rows = m.distinct_rows;
+  d.blocked = m.blocked ? 1 : 0;
+  d.block_stride = m.block_stride;
+  d.block_grad_stride = (m.blocked && m.ndim > 0) ? m.grad_stride[0] : 0;
+  return d;
+}
+
+int dtype_int(DType t) { return static_cast<int>(t); }
+
+void require_int_dim(int64_t dim) {
+  if (dim > INT_MAX / 2) {
+    throw Error(Error::Kind::kValue, "modnorm CUDA backend: last dim " + std::to_string(dim) +
+                                         " is too large");
+  }
+}
+
+// Rows whose x (and dy) rows, weight and modulation all allow 16-byte vectors of x's dtype.
+bool rows_vectorizable(const ForwardPlan& p, int vec, const void* dy, int64_t dy_row_stride) {
+  const int64_t es = static_cast<int64_t>(dtype_size(p.x_dtype));
+  if (p.dim % vec != 0) return false;
+  if (!cuda_detail::aligned_to(p.x, 16) || (p.rows > 1 && (p.x_row_stride * es) % 16 != 0)) {
+    return false;
+  }
+  if (dy != nullptr &&
+      (!cuda_detail::aligned_to(dy, 16) || (p.rows > 1 && (dy_row_stride * es) % 16 != 0))) {
+    return false;
+  }
+  return cuda_detail::operand_vectorizable(p.weight, vec, nullptr) &&
+         cuda_detail::operand_vectorizable(p.scale, vec, &p.scale_map) &&
+         cuda_detail::operand_vectorizable(p.shift, vec, &p.shift_map);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+// Register-resident configurations by row length in vectors: small rows get warp (or half-warp)
+// teams, several rows per block; larger rows one block each, 2-4 vectors per thread in flight.
+template <int VEC, typename F>
+bool visit_forward_config(int dim_vecs, F&& f) {
+  if (dim_vecs <= 16) return f(Config<1, 16, 16>{}), true;
+  if (dim_vecs <= 32) return f(Config<1, 32, 8>{}), true;
+  if (dim_vecs <= 64) return f(Config<2, 32, 8>{}), true;
+  if (dim_vecs <= 128) return f(Config<4, 32, 8>{}), true;
+  if (dim_vecs <= 256) return f(Config<2, 128, 1>{}), true;
+  if (dim_vecs <= 512) return f(Config<4, 128, 1>{}), true;
+  if (dim_vecs <= 1024) return f(Config<4, 256, 1>{}), true;
+  if (dim_vecs <= 2048) return f(Config<4, 512, 1>{}), true;
+  if (dim_vecs <= 4096) return f(Config<4, 1024, 1>{}), true;
+  return false;
+}
+
+constexpr int kLoopBlockThreads = 512;
+constexpr int kSmallLoopDim = 1024;  // unvectorized rows up to this use warp teams
+constexpr size_t kStaticSmemReserve = 1024;
+
+template <DType XT, CastingMode M>
+struct ForwardImpl {
+  template <int VEC>
+  static void launch(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream, int device) {
+    const cuda_detail::DeviceInfo& info = device_info(device);
+    a.dim_vecs = static_cast<int>(p.dim / VEC);
+    a.y_vectorized = cuda_detail::output_vectorizable(a.y, p.x_dtype, VEC) ? 1 : 0;
+    if constexpr (VEC > 1) {
+      const bool done = visit_forward_config<VEC>(a.dim_vecs, [&](auto config) {
+        using C = decltype(config);
+        auto kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams>;
+        // A block per row group: short blocks retire and are replaced while others still
+        // wait on memory (measured faster than a persistent grid here). The kernel strides
+        // over rows, so the launch limit is the only cap.
+        const int64_t grid = std::min<int64_t>(ceil_div(p.rows, C::kTeams), INT_MAX);
+        kernel<<<static_cast<unsigned>(grid), C::kThreads, 0, stream>>>(a);
+        check_launch("modnorm forward_reg_kernel");
+      });
+      if (done) return;
+    }
+    // Unvectorized short rows: warp teams. Everything else: one 512-thread block per row.
+    const bool warp_teams = VEC == 1 && p.dim <= kSmallLoopDim;
+    const void* kernel =
+        warp_teams
+            ? reinterpret_cast<const void*>(cuda_detail::forward_loop_kernel<XT, M, 1, 32, 8>)
+            : reinterpret_cast<const void*>(
+                  cuda_detail::forward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
+    const int threads = warp_teams ? 256 : kLoopBlockThreads;
+    const int teams = warp_teams ? 8 : 1;
+    size_t smem = 0;
+    a.staged = 0;
+    if (!warp_teams) {
+      const size_t stage_bytes = size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
+      if (stage_bytes + kStaticSmemReserve <= info.max_smem_optin) {
+        smem = stage_bytes;
+        a.staged = 1;
+      }
+    }
+    const int occupancy = blocks_per_sm(device, kernel, threads, smem);
+    const int64_t grid =
+        std::min<int64_t>(ceil_div(p.rows, teams), int64_t(info.sm_count) * occupancy);
+    allow_dynamic_smem(kernel, smem);
+    void* args[] = {&a};
+    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                             dim3(threads), args, smem, stream),
+                            "launch of modnorm forward_loop_kernel");
+    check_launch("modnorm forward_loop_kernel");
+  }
+
+  static void run(const ForwardPlan& p, void* y, float* rstd, cudaStream_t stream) {
+    require_int_dim(p.dim);
+    ForwardArgs a;
+    a.x = p.x;
+    a.y = y;
+    a.rstd = rstd;
+    a.rows = p.rows;
+    a.x_row_stride = p.x_row_stride;
+    a.dim = static_cast<int>(p.dim);
+    a.weight = p.weight.present() ? p.weight.data : nullptr;
+    a.scale = p.scale.present() ? p.scale.data : nullptr;
+    a.shift = p.shift.present() ? p.shift.data : nullptr;
+    a.weight_dtype = dtype_int(p.weight.dtype);
+    a.scale_dtype = dtype_int(p.scale.dtype);
+    a.shift_dtype = dtype_int(p.shift.dtype);
+    a.eps = p.eps;
+    a.offset = p.offset;
+    a.scale_offset = p.scale_offset;
+    a.inv_dim = 1.f / static_cast<float>(p.dim);
+    a.scale_map = to_dev_map(p.scale_map);
+    a.shift_map = to_dev_map(p.shift_map);
+    constexpr int kVec = vector_width<XT>();
+    if (rows_vectorizable(p, kVec, nullptr, 0)) {
+      launch<kVec>(p, a, stream, p.device.index);
+    } else {
+      launch<1>(p, a, stream, p.device.index);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// Register-resident configurations: at most 16 elements per thread, since each thread also keeps
+// up to three partial sums per element across its rows, and no more than 512 threads per block
+// so the compiler may give each thread 128 registers.
+template <int VEC, typename F>
+bool visit_backward_config(int dim_vecs, F&& f) {
+  if (dim_vecs <= 32) return f(Config<1, 32, 8>{}), true;
+  if (dim_vecs <= 64) return f(Config<2, 32, 8>{}), true;
+  if (dim_vecs <= 128) return f(Config<1, 128, 1>{}), true;
+  if (dim_vecs <= 256) return f(Config<2, 128, 1>{}), true;
+  if (dim_vecs <= 512) return f(Config<2, 256, 1>{}), true;
+  if (dim_vecs <= 1024) return f(Config<2, 512, 1>{}), true;
+  return false;
+}
+
+enum class GradRoute { kNone, kDirect, kFused, kColumn };
+
+struct ColumnPlan {
+  int64_t units = 0;  // distinct gradient rows * segments
+  int64_t distinct = 0;
+  int64_t rows_per_unit = 0;
+  int64_t segments = 1;
+  int64_t rows_per_segment = 0;
+};
+
+struct BackwardLayout {
+  bool vectorized = false;
+  bool reg_path = false;
+  int threads = 0, teams = 1;
+  size_t reg_smem = 0;
+  int64_t blocks = 0, groups = 1, group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
+  GradRoute dweight = GradRoute::kNone, dscale = GradRoute::kNone, dshift = GradRoute::kNone;
+  bool shift_with_scale = false;  // one column pass computes both
+  ColumnPlan col_w, col_s, col_h;
+  int64_t off_w = 0, off_s = 0, off_h = 0, total_floats = 0;
+};
+
+constexpr int kColumnBlocksPerSm = 8;
+
+ColumnPlan plan_column(int64_t distinct, int64_t rows_per_unit, int64_t dim_vecs, int sm_count) {
+  ColumnPlan c;
+  c.distinct = distinct;
+  c.rows_per_unit = rows_per_unit;
+  const int64_t col_tiles = ceil_div(dim_vecs, cuda_detail::kColumnLanes);
+  const int64_t target = int64_t(sm_count) * kColumnBlocksPerSm;
+  int64_t segments = ceil_div(target, std::max<int64_t>(1, distinct * col_tiles));
+  // At least 4 rows per row lane, so a segment's partial is worth its write.
+  segments = std::max<int64_t>(
+      1, std::min(segments, rows_per_unit / (4 * cuda_detail::kColumnRowLanes)));
+  c.rows_per_segment = std::max<int64_t>(1, ceil_div(rows_per_unit, segments));
+  c.segments = std::max<int64_t>(1, ceil_div(rows_per_unit, c.rows_per_segment));
+  c.units = distinct * c.segments;
+  return c;
+}
+
+bool same_map(const RowMap& a, const RowMap& b) {
+  if (a.ndim != b.ndim) return false;
+  for (int i = 0; i < a.ndim; ++i) {
+    if (a.size[i] != b.size[i] || a.grad_stride[i] != b.grad_stride[i]) return false;
+  }
+  return true;
+}
+
+template <DType XT, CastingMode M>
+struct BackwardImpl {
+  static constexpr int kVec = vector_width<XT>();
+
+  static BackwardLayout layout(const BackwardPlan& bp) {
+    const ForwardPlan& p = bp.fwd;
+    const int device = p.device.index;
+    const cuda_detail::DeviceInfo& info = device_info(device);
+    BackwardLayout l;
+    require_int_dim(p.dim);
+    l.vectorized = rows_vectorizable(p, kVec, bp.dy, bp.dy_row_stride);
+    const int64_t dim_vecs = l.vectorized ? p.dim / kVec : p.dim;
+    const bool scale_shared = bp.need_dscale && p.scale_map.rows_per_distinct > 1;
+    const bool shift_shared = bp.need_dshift && p.shift_map.rows_per_distinct > 1;
+    l.dscale = !bp.need_dscale ? GradRoute::kNone
+                               : (scale_shared ? GradRoute::kColumn : GradRoute::kDirect);
+    l.dshift = !bp.need_dshift ? GradRoute::kNone
+                               : (shift_shared ? GradRoute::kColumn : GradRoute::kDirect);
+    l.dweight = bp.need_dweight ? GradRoute::kColumn : GradRoute::kNone;
+
+    const void* kernel = nullptr;
+    if (l.vectorized) {
+      l.reg_path = visit_backward_config<kVec>(static_cast<int>(dim_vecs), [&](auto config) {
+        using C = decltype(config);
+        kernel = reinterpret_cast<const void*>(
+            cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>);
+        l.threads = C::kThreads;
+        l.teams = C::kTeams;
+        l.reg_smem = C::kTeams > 1 ? size_t(C::kTeams) * p.dim * sizeof(float) : 0;
+      });
+    }
+    if (l.reg_path) {
+      if (bp.need_dweight) l.dweight = GradRoute::kFused;
+      // Shared modulation gradients fuse when their rows come in runs (blocked map) of one
+      // common length: each block then stays inside one run.
+      int64_t fuse_rows = 0;
+      if (scale_shared && p.scale_map.blocked) {
+        l.dscale = GradRoute::kFused;
+        fuse_rows = p.scale_map.rows_per_distinct;
+      }
+      if (shift_shared && p.shift_map.blocked &&
+          (fuse_rows == 0 || fuse_rows == p.shift_map.rows_per_distinct)) {
+        l.dshift = GradRoute::kFused;
+        fuse_rows = p.shift_map.rows_per_distinct;
+      }
+      const int streams = (l.dweight == GradRoute::kFused) + (l.dscale == GradRoute::kFused) +
+                          (l.dshift == GradRoute::kFused);
+      const int occupancy = blocks_per_sm(device, kernel, l.threads, l.reg_smem);
+      int64_t target = int64_t(info.sm_count) * occupancy;
+      if (streams > 0) {
+        // Keep the partials' round trip (write + read, 8 bytes per float) under ~10% of the
+        // row traffic (x, dy, dx), unless that leaves SMs idle.
+        const int64_t row_bytes = 3 * int64_t(dtype_size(p.x_dtype));
+        const int64_t cap = p.rows * row_bytes / (80 * streams);
+        target = std::min(target, std::max<int64_t>(info.sm_count, cap));
+      }
+      target = std::max<int64_t>(1, target);
+      if (fuse_rows > 0 && p.rows / fuse_rows > target) {
+        // Too many groups for one block each: reduce them in the column pass instead.
+        if (l.dscale == GradRoute::kFused) l.dscale = GradRoute::kColumn;
+        if (l.dshift == GradRoute::kFused) l.dshift = GradRoute::kColumn;
+        fuse_rows = 0;
+      }
+      if (fuse_rows > 0) {
+        l.groups = p.rows / fuse_rows;
+        l.group_rows = fuse_rows;
+        const int64_t per_group =
+            std::max<int64_t>(1, std::min(target / l.groups, ceil_div(fuse_rows, l.teams)));
+        l.rows_per_block = ceil_div(ceil_div(fuse_rows, per_group), l.teams) * l.teams;
+        l.blocks_per_group = ceil_div(fuse_rows, l.rows_per_block);
+        l.blocks = l.groups * l.blocks_per_group;
+      } else {
+        l.groups = 1;
+        l.group_rows = p.rows;
+        const int64_t blocks = std::max<int64_t>(1, std::min(target, ceil_div(p.rows, l.teams)));
+        l.rows_per_block = ceil_div(ceil_div(p.rows, blocks), l.teams) * l.teams;
+        l.blocks = ceil_div(p.rows, l.rows_per_block);
+        l.blocks_per_group = l.blocks;
+      }
+      if (l.blocks > INT_MAX) {
+        throw Error(Error::Kind::kValue, "modnorm CUDA backend: too many row groups");
+      }
+    }
+
+    l.shift_with_scale = l.dscale == GradRoute::kColumn && l.dshift == GradRoute::kColumn &&
+                         same_map(p.scale_map, p.shift_map);
+    if (l.dweight == GradRoute::kColumn) l.col_w = plan_column(1, p.rows, dim_vecs, info.sm_count);
+    if (l.dscale == GradRoute::kColumn) {
+      l.col_s = plan_column(p.scale_map.distinct_rows, p.scale_map.rows_per_distinct, dim_vecs,
+                            info.sm_count);
+    }
+    if (l.dshift == GradRoute::kColumn) {
+      l.col_h = l.shift_with_scale ? l.col_s
+                                   : plan_column(p.shift_map.distinct_rows,
+                                                 p.shift_map.rows_per_distinct, dim_vecs,
+                                                 info.sm_count);
+    }
+    auto floats_for = [&](GradRoute route, const ColumnPlan& c) -> int64_t {
+      if (route == GradRoute::kFused) return l.blocks * p.dim;
+      if (route == GradRoute::kColumn) return c.units * p.dim;
+      return 0;
+    };
+    l.off_w = 0;
+    l.off_s = l.off_w + floats_for(l.dweight, l.col_w);
+    l.off_h = l.off_s + floats_for(l.dscale, l.col_s);
+    l.total_floats = l.off_h + floats_for(l.dshift, l.col_h);
+    return l;
+  }
+
+  static void launch_column(const BackwardPlan& bp, const BackwardLayout& l, const ColumnPlan& c,
+                            const RowMap* reduce_map, float* w_part, float* s_part,
+                            float* h_part, const float* rstd, cudaStream_t stream) {
+    const ForwardPlan& p = bp.fwd;
+    ColumnArgs a;
+    a.x = p.x;
+    a.dy = bp.dy;
+    a.rstd = rstd;
+    a.x_row_stride = p.x_row_stride;
+    a.dy_row_stride = bp.dy_row_stride;
+    a.dim = static_cast<int>(p.dim);
+    a.weight = p.weight.present() ? p.weight.data : nullptr;
+    a.scale = p.scale.present() ? p.scale.data : nullptr;
+    a.weight_dtype = dtype_int(p.weight.dtype);
+    a.scale_dtype = dtype_int(p.scale.dtype);
+    a.offset = p.offset;
+    a.scale_offset = p.scale_offset;
+    a.scale_map = to_dev_map(p.scale_map);
+    if (reduce_map != nullptr) a.reduce_map = to_dev_map(*reduce_map);
+    a.reduce_all_rows = reduce_map == nullptr ? 1 : 0;
+    a.rows_per_unit = c.rows_per_unit;
+    a.segments = c.segments;
+    a.rows_per_segment = c.rows_per_segment;
+    a.dweight_partials = w_part;
+    a.dscale_partials = s_part;
+    a.dshift_partials = h_part;
+    auto go = [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      a.dim_vecs = static_cast<int>(p.dim / VEC);
+      const int64_t col_tiles = ceil_div(a.dim_vecs, cuda_detail::kColumnLanes);
+      if (col_tiles > 65535 || c.units > INT_MAX) {
+        throw Error(Error::Kind::kValue, "modnorm CUDA backend: reduction grid too large");
+      }
+      const dim3 grid(static_cast<unsigned>(c.units), static_cast<unsigned>(col_tiles));
+      cuda_detail::column_grad_kernel<XT, M, VEC>
+          <<<grid, cuda_detail::kColumnLanes * cuda_detail::kColumnRowLanes, 0, stream>>>(a);
+      check_launch("modnorm column_grad_kernel");
+    };
+    if (l.vectorized) {
+      go(std::integral_constant<int, kVec>{});
+    } else {
+      go(std::integral_constant<int, 1>{});
+    }
+  }
+
+  static void finalize(const float* partials, int64_t groups, int64_t parts, int64_t dim,
+                       int64_t dest_row_stride, void* out, DType out_dtype, cudaStream_t stream) {
+    const int64_t col_tiles = ceil_div(dim, cuda_detail::kFinalizeCols);
+    const int64_t grid = groups * col_tiles;
+    if (grid > INT_MAX) {
+      throw Error(Error::Kind::kValue, "modnorm CUDA backend: gradient too large to reduce");
+    }
+    cuda_detail::finalize_kernel<<<static_cast<unsigned>(grid),
+                                   cuda_detail::kFinalizeCols * cuda_detail::kFinalizeLanes, 0,
+                                   stream>>>(partials, parts, dim, col_tiles, dest_row_stride,
+                                             out, dtype_int(out_dtype));
+    check_launch("modnorm finalize_kernel");
+  }
+
+  static void run(const BackwardPlan& bp, const float* rstd, const Gradients& grads,
+                  float* workspace, cudaStream_t stream) {
+    const ForwardPlan& p = bp.fwd;
+    const int device = p.device.index;
+    const cuda_detail::DeviceInfo& info = device_info(device);
+    const BackwardLayout l = layout(bp);
+    float* w_part = l.dweight == GradRoute::kNone ? nullptr : workspace + l.off_w;
+    float* s_part = (l.dscale == GradRoute::kFused || l.dscale == GradRoute::kColumn)
+                        ? workspace + l.off_s
+                        : nullptr;
+    float* h_part = (l.dshift == GradRoute::kFused || l.dshift == GradRoute::kColumn)
+                        ? workspace + l.off_h
+                        : nullptr;
+
+    // 1. Read-only reductions, before anything may overwrite dy.
+    if (l.dweight == GradRoute::kColumn) {
+      launch_column(bp, l, l.col_w, nullptr, w_part, nullptr, nullptr, rstd, stream);
+    }
+    if (l.dscale == GradRoute::kColumn) {
+      launch_column(bp, l, l.col_s, &p.scale_map, nullptr, s_part,
+                    l.shift_with_scale ? h_part : nullptr, rstd, stream);
+    }
+    if (l.dshift == GradRoute::kColumn && !l.shift_with_scale) {
+      launch_column(bp, l, l.col_h, &p.shift_map, nullptr, nullptr, h_part, rstd, stream);
+    }
+
+    // 2. The row pass: dx, per-row modulation gradients, fused partials.
+    BackwardArgs a;
+    a.x = p.x;
+    a.dy = bp.dy;
+    a.rstd = rstd;
+    a.dx = bp.need_dx ? grads.dx : nullptr;
+    a.rows = p.rows;
+    a.x_row_stride = p.x_row_stride;
+    a.dy_row_stride = bp.dy_row_stride;
+    a.dim = static_cast<int>(p.dim);
+    a.weight = p.weight.present() ? p.weight.data : nullptr;
+    a.scale = p.scale.present() ? p.scale.data : nullptr;
+    a.weight_dtype = dtype_int(p.weight.dtype);
+    a.scale_dtype = dtype_int(p.scale.dtype);
+    a.shift_dtype = dtype_int(p.shift.dtype);
+    a.offset = p.offset;
+    a.scale_offset = p.scale_offset;
+    a.inv_dim = 1.f / static_cast<float>(p.dim);
+    a.scale_map = to_dev_map(p.scale_map);
+    a.shift_map = to_dev_map(p.shift_map);
+    a.dscale_direct = l.dscale == GradRoute::kDirect ? grads.dscale : nullptr;
+    a.dshift_direct = l.dshift == GradRoute::kDirect ? grads.dshift : nullptr;
+    const int vec = l.vectorized ? kVec : 1;
+    a.dim_vecs = static_cast<int>(p.dim / vec);
+    a.dx_vectorized = a.dx != nullptr && cuda_detail::output_vectorizable(a.dx, p.x_dtype, vec);
+    a.dscale_vectorized =
+        a.dscale_direct != nullptr &&
+        cuda_detail::output_vectorizable(a.dscale_direct, p.scale.dtype, vec);
+    a.dshift_vectorized =
+        a.dshift_direct != nullptr &&
+        cuda_detail::output_vectorizable(a.dshift_direct, p.shift.dtype, vec);
+
+    if (l.reg_path) {
+      a.dweight_partials = l.dweight == GradRoute::kFused ? w_part : nullptr;
+      a.dscale_partials = l.dscale == GradRoute::kFused ? s_part : nullptr;
+      a.dshift_partials = l.dshift == GradRoute::kFused ? h_part : nullptr;
+      a.group_rows = l.group_rows;
+      a.blocks_per_group = l.blocks_per_group;
+      a.rows_per_block = l.rows_per_block;
+      const bool any_work = a.dx != nullptr || a.dscale_direct != nullptr ||
+                            a.dshift_direct != nullptr || a.dweight_partials != nullptr ||
+                            a.dscale_partials != nullptr || a.dshift_partials != nullptr;
+      if (any_work) {
+        visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
+          using C = decltype(config);
+          auto kernel = cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
+          kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
+          check_launch("modnorm backward_reg_kernel");
+        });
+      }
+    } else if (a.dx != nullptr || a.dscale_direct != nullptr || a.dshift_direct != nullptr) {
+      auto go = [&](auto vec_tag) {
+        constexpr int VEC = decltype(vec_tag)::value;
+        const bool warp_teams = VEC == 1 && p.dim <= kSmallLoopDim;
+        const void* kernel =
+            warp_teams
+                ? reinterpret_cast<const void*>(cuda_detail::backward_loop_kernel<XT, M, 1, 32, 8>)
+                : reinterpret_cast<const void*>(
+                      cuda_detail::backward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
+        const int threads = warp_teams ? 256 : kLoopBlockThreads;
+        const int teams = warp_teams ? 8 : 1;
+        size_t smem = 0;
+        a.staged = 0;
+        if (!warp_teams) {
+          const size_t stage_bytes = 2 * size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
+          if (stage_bytes + kStaticSmemReserve <= info.max_smem_optin) {
+            smem = stage_bytes;
+            a.staged = 1;
+          }
+        }
+        const int occupancy = blocks_per_sm(device, kernel, threads, smem);
+        const int64_t grid =
+            std::min<int64_t>(ceil_div(p.rows, teams), int64_t(info.sm_count) * occupancy);
+        allow_dynamic_smem(kernel, smem);
+        void* args[] = {&a};
+        cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                                 dim3(threads), args, smem, stream),
+                                "launch of modnorm backward_loop_kernel");
+        check_launch("modnorm backward_loop_kernel");
+      };
+      if (l.vectorized) {
+        go(std::integral_constant<int, kVec>{});
+      } else {
+        go(std::integral_constant<int, 1>{});
+      }
+    }
+
+    // 3. Fixed-order sums of the partials.
+    if (l.dweight == GradRoute::kFused) {
+      finalize(w_part, 1, l.blocks, p.dim, 0, grads.dweight, p.weight.dtype, stream);
+    } else if (l.dweight == GradRoute::kColumn) {
+      finalize(w_part, 1, l.col_w.segments, p.dim, 0, grads.dweight, p.weight.dtype, stream);
+    }
+    auto finish_modulation = [&](GradRoute route, const ColumnPlan& c, const RowMap& map,
+                                 float* part, void* out, DType dtype) {
+      if (route == GradRoute::kFused) {
+        const int64_t dest_stride = map.ndim > 0 ? map.grad_stride[0] : 0;
+        finalize(part, l.groups, l.blocks_per_group, p.dim, dest_stride, out, dtype, stream);
+      } else if (route == GradRoute::kColumn) {
+        finalize(part, c.distinct, c.segments, p.dim, 1, out, dtype, stream);
+      }
+    };
+    finish_modulation(l.dscale, l.col_s, p.scale_map, s_part, grads.dscale, p.scale.dtype);
+    finish_modulation(l.dshift, l.col_h, p.shift_map, h_part, grads.dshift, p.shift.dtype);
+  }
+};
+
+template <template <DType, CastingMode> class Impl, typename F>
+decltype(auto) dispatch(DType x_dtype, CastingMode mode, F&& f) {
+  // float32 x never rounds, so one casting mode serves all three.
+  switch (x_dtype) {
+    case DType::kFloat32: return f(Impl<DType::kFloat32, CastingMode::kNone>{});
+    case DType::kFloat16:
+      switch (mode) {
+        case CastingMode::kLlama: return f(Impl<DType::kFloat16, CastingMode::kLlama>{});
+        case CastingMode::kGemma: return f(Impl<DType::kFloat16, CastingMode::kGemma>{});
+        case CastingMode::kNone: return f(Impl<DType::kFloat16, CastingMode::kNone>{});
+      }
+      break;
+    case DType::kBFloat16:
+      switch (mode) {
+        case CastingMode::kLlama: return f(Impl<DType::kBFloat16, CastingMode::kLlama>{});
+        case CastingMode::kGemma: return f(Impl<DType::kBFloat16, CastingMode::kGemma>{});
+        case CastingMode::kNone: return f(Impl<DType::kBFloat16, CastingMode::kNone>{});
+      }
+      break;
+  }
+  throw Error(Error::Kind::kType, "modnorm CUDA backend: unsupported dtype or casting mode");
+}
+
+void zero_fill(void* out, DType dtype, int64_t elements, cudaStream_t stream) {
+  if (out == nullptr || elements <= 0) return;
+  cuda_detail::check_cuda(cudaMemsetAsync(out, 0, size_t(elements) * dtype_size(dtype), stream),
+                          "cudaMemsetAsync (zero gradient)");
+}
+
+}  // namespace
+
+void cuda_forward(const ForwardPlan& plan, void* y, float* rstd, void* stream) {
+  if (plan.empty()) return;
+  cuda_detail::DeviceGuard guard(plan.device.index);
+  dispatch<ForwardImpl>(plan.x_dtype, plan.casting_mode, [&](auto impl) {
+    decltype(impl)::run(plan, y, rstd, static_cast<cudaStream_t>(stream));
+  });
+}
+
+size_t cuda_backward_workspace_bytes(const BackwardPlan& plan) {
+  if (plan.fwd.empty()) return 0;
+  cuda_detail::DeviceGuard guard(plan.fwd.device.index);
+  return dispatch<BackwardImpl>(plan.fwd.x_dtype, plan.fwd.casting_mode, [&](auto impl) {
+    return size_t(decltype(impl)::layout(plan).total_floats) * sizeof(float);
+  });
+}
+
+void cuda_backward(const BackwardPlan& plan, const float* rstd, const Gradients& grads,
+                   void* workspace, size_t workspace_bytes, void* stream) {
+  const ForwardPlan& p = plan.fwd;
+  cuda_detail::DeviceGuard guard(p.device.index);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (p.empty()) {  // sums over no rows are zero
+    if (plan.need_dweight) zero_fill(grads.dweight, p.weight.dtype, p.dim, s);
+    if (plan.need_dscale) {
+      zero_fill(grads.dscale, p.scale.dtype, p.scale_map.distinct_rows * p.dim, s);
+    }
+    if (plan.need_dshift) {
+      zero_fill(grads.dshift, p.shift.dtype, p.shift_map.distinct_rows * p.dim, s);
+    }
+    return;
+  }
+  dispatch<BackwardImpl>(p.x_dtype, p.casting_mode, [&](auto impl) {
+    using Impl = decltype(impl);
+    const size_t needed = size_t(Impl::layout(plan).total_floats) * sizeof(float);
+    if (workspace_bytes < needed || (needed > 0 && workspace == nullptr)) {
+      throw Error(Error::Kind::kValue, "modnorm CUDA backend: backward workspace is too small");
+    }
+    if (needed > 0 && !cuda_detail::aligned_to(workspace, alignof(float))) {
+      throw Error(Error::Kind::kValue, "modnorm CUDA backend: workspace must be 4-byte aligned");
+    }
+    Impl::run(plan, rstd, grads, static_cast<float*>(workspace), s);
+  });
+}
+
+}  // namespace modnorm::detail

@@ -1,0 +1,302 @@
+// Device-side building blocks shared by the forward and backward kernels: element conversions,
+// vector loads/stores of x's dtype (compile time) and of the weight/modulation dtypes (run time),
+// broadcast maps, and team reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "modnorm/modnorm.h"
+
+namespace modnorm::cuda_detail {
+
+// DType values as plain ints, for run-time switches inside kernels.
+constexpr int kDtF32 = static_cast<int>(DType::kFloat32);
+constexpr int kDtF16 = static_cast<int>(DType::kFloat16);
+constexpr int kDtBF16 = static_cast<int>(DType::kBFloat16);
+
+template <DType T>
+__host__ __device__ constexpr int elem_bytes() {
+  return T == DType::kFloat32 ? 4 : 2;
+}
+
+// Register types that move N bytes in one memory instruction.
+template <int BYTES>
+struct RawOf;
+template <>
+struct RawOf<16> {
+  using type = uint4;
+};
+template <>
+struct RawOf<8> {
+  using type = uint2;
+};
+template <>
+struct RawOf<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawOf<2> {
+  using type = unsigned short;
+};
+
+// VEC elements of x's dtype as one raw register value.
+template <DType T, int VEC>
+using XRaw = typename RawOf<VEC * elem_bytes<T>()>::type;
+
+__device__ __forceinline__ void to_words(const uint4& r, unsigned* w) {
+  w[0] = r.x;
+  w[1] = r.y;
+  w[2] = r.z;
+  w[3] = r.w;
+}
+__device__ __forceinline__ void to_words(const uint2& r, unsigned* w) {
+  w[0] = r.x;
+  w[1] = r.y;
+}
+__device__ __forceinline__ void to_words(unsigned int r, unsigned* w) { w[0] = r; }
+__device__ __forceinline__ void to_words(unsigned short r, unsigned* w) { w[0] = r; }
+
+__device__ __forceinline__ void from_words(const unsigned* w, uint4& r) {
+  r = make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ void from_words(const unsigned* w, uint2& r) { r = make_uint2(w[0], w[1]); }
+__device__ __forceinline__ void from_words(const unsigned* w, unsigned int& r) { r = w[0]; }
+__device__ __forceinline__ void from_words(const unsigned* w, unsigned short& r) {
+  r = static_cast<unsigned short>(w[0]);
+}
+
+template <DType T>
+__device__ __forceinline__ float bits_to_float(unsigned bits) {
+  if constexpr (T == DType::kBFloat16) {
+    return __uint_as_float(bits << 16);
+  } else {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  }
+}
+
+template <DType T>
+__device__ __forceinline__ unsigned float_to_bits(float f) {
+  if constexpr (T == DType::kBFloat16) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  } else {
+    return __half_as_ushort(__float2half_rn(f));
+  }
+}
+
+// Round to T and back: the value an unfused module would have stored in T.
+template <DType T>
+__device__ __forceinline__ float round_to(float f) {
+  if constexpr (T == DType::kFloat32) {
+    return f;
+  } else {
+    return bits_to_float<T>(float_to_bits<T>(f));
+  }
+}
+
+template <DType T, int N, typename Raw>
+__device__ __forceinline__ void unpack(const Raw& raw, float* f) {
+  constexpr int kWords = (N * elem_bytes<T>() + 3) / 4;
+  unsigned w[kWords];
+  to_words(raw, w);
+  if constexpr (T == DType::kFloat32) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = __uint_as_float(w[i]);
+  } else if constexpr (N == 1) {
+    f[0] = bits_to_float<T>(w[0] & 0xffffu);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      f[2 * i] = bits_to_float<T>(w[i] & 0xffffu);
+      f[2 * i + 1] = bits_to_float<T>(w[i] >> 16);
+    }
+  }
+}
+
+template <DType T, int N, typename Raw>
+__device__ __forceinline__ Raw pack(const float* f) {
+  constexpr int kWords = (N * elem_bytes<T>() + 3) / 4;
+  unsigned w[kWords];
+  if constexpr (T == DType::kFloat32) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = __float_as_uint(f[i]);
+  } else if constexpr (N == 1) {
+    w[0] = float_to_bits<T>(f[0]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      w[i] = float_to_bits<T>(f[2 * i]) | (float_to_bits<T>(f[2 * i + 1]) << 16);
+    }
+  }
+  Raw r;
+  from_words(w, r);
+  return r;
+}
+
+template <DType T>
+__device__ __forceinline__ const char* elem_ptr(const void* base, int64_t idx) {
+  return static_cast<const char*>(base) + idx * elem_bytes<T>();
+}
+template <DType T>
+__device__ __forceinline__ char* elem_ptr(void* base, int64_t idx) {
+  return static_cast<char*>(base) + idx * elem_bytes<T>();
+}
+
+// N elements of dtype T starting at element idx, through the read-only cache (weights and
+// modulation rows are re-read by many rows). The caller guarantees min(16, N*size) alignment.
+template <DType T, int N>
+__device__ __forceinline__ void load_elems(const void* base, int64_t idx, float* f) {
+  constexpr int kBytes = N * elem_bytes<T>();
+  constexpr int kChunkBytes = kBytes > 16 ? 16 : kBytes;
+  constexpr int kPerChunk = kChunkBytes / elem_bytes<T>();
+  using Raw = typename RawOf<kChunkBytes>::type;
+  const Raw* p = reinterpret_cast<const Raw*>(elem_ptr<T>(base, idx));
+#pragma unroll
+  for (int c = 0; c < N / kPerChunk; ++c) unpack<T, kPerChunk>(__ldg(p + c), f + c * kPerChunk);
+}
+
+template <int N>
+__device__ __forceinline__ void load_any(const void* base, int dtype, int64_t idx, float* f) {
+  if (dtype == kDtF32) {
+    load_elems<DType::kFloat32, N>(base, idx, f);
+  } else if (dtype == kDtBF16) {
+    load_elems<DType::kBFloat16, N>(base, idx, f);
+  } else {
+    load_elems<DType::kFloat16, N>(base, idx, f);
+  }
+}
+
+// Stores N floats as dtype T; `vectorized` false falls back to one store per element (outputs
+// whose base the caller could not prove aligned).
+template <DType T, int N>
+__device__ __forceinline__ void store_elems(void* base, int64_t idx, const float* f, bool vectorized) {
+  constexpr int kBytes = N * elem_bytes<T>();
+  constexpr int kChunkBytes = kBytes > 16 ? 16 : kBytes;
+  constexpr int kPerChunk = kChunkBytes / elem_bytes<T>();
+  if (vectorized) {
+    using Raw = typename RawOf<kChunkBytes>::type;
+    Raw* p = reinterpret_cast<Raw*>(elem_ptr<T>(base, idx));
+#pragma unroll
+    for (int c = 0; c < N / kPerChunk; ++c) p[c] = pack<T, kPerChunk, Raw>(f + c * kPerChunk);
+  } else {
+    using Raw1 = typename RawOf<elem_bytes<T>()>::type;
+    Raw1* p = reinterpret_cast<Raw1*>(elem_ptr<T>(base, idx));
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = pack<T, 1, Raw1>(f + i);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_any(void* base, int dtype, int64_t idx, const float* f,
+                                          bool vectorized) {
+  if (dtype == kDtF32) {
+    store_elems<DType::kFloat32, N>(base, idx, f, vectorized);
+  } else if (dtype == kDtBF16) {
+    store_elems<DType::kBFloat16, N>(base, idx, f, vectorized);
+  } else {
+    store_elems<DType::kFloat16, N>(base, idx, f, vectorized);
+  }
+}
+
+// norm(x) for one element, rounded where the casting mode rounds (SPEC 3).
+template <CastingMode M, DType T>
+__device__ __forceinline__ float norm_value(float xhat, float w) {
+  if constexpr (M == CastingMode::kLlama) {
+    return round_to<T>(xhat) * w;
+  } else if constexpr (M == CastingMode::kGemma) {
+    return round_to<T>(xhat * w);
+  } else {
+    return xhat * w;
+  }
+}
+
+// The weight factor dweight accumulates: the value the forward multiplied the weight with.
+template <CastingMode M, DType T>
+__device__ __forceinline__ float weight_factor(float xhat) {
+  if constexpr (M == CastingMode::kLlama) {
+    return round_to<T>(xhat);
+  } else {
+    return xhat;
+  }
+}
+
+// RowMap (modnorm.h) in a kernel-parameter form, plus the blocked fast path.
+struct DevMap {
+  int ndim = 0;
+  int blocked = 0;
+  int64_t size[kMaxDims] = {};
+  int64_t stride[kMaxDims] = {};
+  int64_t grad_stride[kMaxDims] = {};
+  int64_t rows_per_distinct = 1;
+  int64_t distinct_rows = 1;
+  int64_t block_stride = 0;       // element offset per block of rows_per_distinct rows
+  int64_t block_grad_stride = 0;  // gradient row per block of rows_per_distinct rows
+};
+
+__device__ __forceinline__ int64_t map_offset(const DevMap& m, int64_t row) {
+  if (m.blocked) return (row / m.rows_per_distinct) * m.block_stride;
+  int64_t off = 0;
+  for (int i = m.ndim - 1; i >= 0; --i) {
+    const int64_t digit = row % m.size[i];
+    row /= m.size[i];
+    off += digit * m.stride[i];
+  }
+  return off;
+}
+
+__device__ __forceinline__ int64_t map_grad_row(const DevMap& m, int64_t row) {
+  if (m.blocked) return (row / m.rows_per_distinct) * m.block_grad_stride;
+  int64_t g = 0;
+  for (int i = m.ndim - 1; i >= 0; --i) {
+    const int64_t digit = row % m.size[i];
+    row /= m.size[i];
+    g += digit * m.grad_stride[i];
+  }
+  return g;
+}
+
+// The k-th x row reading gradient row g (RowMap::nth_row_of).
+__device__ __forceinline__ int64_t map_nth_row(const DevMap& m, int64_t g, int64_t k) {
+  int64_t row = 0;
+  int64_t row_stride = 1;
+  for (int i = m.ndim - 1; i >= 0; --i) {
+    int64_t digit;
+    if (m.grad_stride[i] != 0) {
+      digit = (g / m.grad_stride[i]) % m.size[i];
+    } else {
+      digit = k % m.size[i];
+      k /= m.size[i];
+    }
+    row += digit * row_stride;
+    row_stride *= m.size[i];
+  }
+  return row;
+}
+
+// Sum over the TPR threads of a team. Every lane gets the same bits (xor butterflies add the
+// same pairs in each lane; the cross-warp step reads the partials in one fixed order).
+// TPR > 32 needs the whole block on the call (one team per block) and `red` of 32 floats.
+template <int TPR>
+__device__ __forceinline__ float team_sum(float v, float* red) {
+  const int kWarpSpan = TPR < 32 ? TPR : 32;
+#pragma unroll
+  for (int o = kWarpSpan / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if constexpr (TPR > 32) {
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) red[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < TPR / 32; ++i) t += red[i];
+    __syncthreads();  // red is reused by the next row
+    return t;
+  } else {
+    (void)red;
+    return v;
+  }
+}
+
+}  // namespace modnorm::cuda_detail
