@@ -24,7 +24,7 @@ cd "$ROOT/tests/python"
 
 if want tests; then
   t0=$(date +%s)
-  python3 -m pytest -q -m gpu -p no:cacheprovider -x ${MODNORM_PYTEST_ARGS:-} > "$OUT/pytest-gpu.log" 2>&1
+  python3 -m pytest -q -m gpu -p no:cacheprovider ${MODNORM_PYTEST_ARGS:-} > "$OUT/pytest-gpu.log" 2>&1
   echo "gpu tests rc=$? ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/pytest-gpu.log")"
   grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest-gpu.log" | head -20
 fi

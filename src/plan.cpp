@@ -1,6 +1,6 @@
 // Argument validation and the broadcast plan (SPEC sections 2 and 6), shared by every backend.
 #include <cmath>
-#include <sstream>
+#include <cstdio>
 
 #include "modnorm/modnorm.h"
 
@@ -56,13 +56,14 @@ TensorRef make_view(void* data, DType dtype, std::initializer_list<int64_t> shap
   return t;
 }
 
+// Messages are built with std::to_string / snprintf, not iostreams: a stream's locale machinery
+// crashed inside the PyTorch extension on the GPU machine's toolchain (seen 2026-11-21, cause
+// not established), and plain formatting avoids it.
 std::string shape_str(const TensorRef& t) {
-  std::ostringstream os;
-  os << "(";
-  for (int i = 0; i < t.ndim; ++i) os << (i ? ", " : "") << t.shape[i];
-  if (t.ndim == 1) os << ",";
-  os << ")";
-  return os.str();
+  std::string s = "(";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  if (t.ndim == 1) s += ",";
+  return s + ")";
 }
 
 [[noreturn]] void fail(Error::Kind kind, const std::string& msg) {
@@ -95,9 +96,10 @@ void check_common(const TensorRef& t, const char* name, const Device& device) {
 
 void check_finite(double v, const char* name, bool non_negative) {
   if (!std::isfinite(v) || (non_negative && v < 0)) {
-    std::ostringstream os;
-    os << name << " must be finite" << (non_negative ? " and >= 0" : "") << ", got " << v;
-    fail(Error::Kind::kValue, os.str());
+    char value[64];
+    std::snprintf(value, sizeof(value), "%g", v);
+    fail(Error::Kind::kValue, std::string(name) + " must be finite" +
+                                  (non_negative ? " and >= 0" : "") + ", got " + value);
   }
 }
 

@@ -374,18 +374,18 @@ def main(argv=None):
 
     bandwidth = copy_bandwidth(device, timer)
     progress(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    command = "python -m modnorm.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    os.makedirs(args.out, exist_ok=True)
+    name = "benchmarks.md" if device == "cuda" else "benchmarks-cpu.md"
     all_results, floors = {}, {}
-    for case in cases:
+    for i, case in enumerate(cases):
+        progress(f"[{i + 1}/{len(cases)}] {case.name} {case.shape}")
         results, fb, bb = run_case(case, device, timer, progress)
         all_results[case.name] = results
         floors[case.name] = (fb / bandwidth, bb / bandwidth)
-
-    command = "python -m modnorm.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = render(all_results, floors, device, bandwidth, command.strip())
-    os.makedirs(args.out, exist_ok=True)
-    name = "benchmarks.md" if device == "cuda" else "benchmarks-cpu.md"
-    with open(os.path.join(args.out, name), "w") as f:
-        f.write(table)
+        table = render(all_results, floors, device, bandwidth, command.strip())
+        with open(os.path.join(args.out, name), "w") as f:  # after every case: a long run keeps what it has
+            f.write(table)
     if device == "cuda" and plot(all_results, floors, os.path.join(args.out, "benchmarks.png")):
         progress(f"wrote {os.path.join(args.out, 'benchmarks.png')}")
     print(table)

@@ -2,7 +2,7 @@
 
 import torch
 
-from modnorm.reference import modulated_rms_norm_eager, modulated_rms_norm_float64
+from modnorm.reference import broadcast_modulation, modulated_rms_norm_eager, modulated_rms_norm_float64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MODES = [("llama", 0.0), ("gemma", 1.0), ("none", 0.0)]
@@ -82,3 +82,16 @@ def eager_run(x, w, s, h, eps, offset, mode, scale_offset, dy, leaves):
     y = modulated_rms_norm_eager(x, w, s, h, eps, offset, mode, scale_offset)
     grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
     return y, grads
+
+
+def dx_terms_norm(x, w, s, dy, eps, offset, scale_offset):
+    """||rstd * dy * m * w||: the size of the terms dx is the difference of. dx itself can be far
+    smaller (at D = 1 it is nearly zero), so dx errors are measured against this."""
+    x64 = x.detach().double()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    t = rstd * dy.double()
+    if w is not None:
+        t = t * (offset + w.detach().double())
+    if s is not None:
+        t = t * (scale_offset + broadcast_modulation(s.detach().double(), x64))
+    return t.norm().item()

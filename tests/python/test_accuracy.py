@@ -6,11 +6,17 @@ import torch
 
 import modnorm
 from conftest import DEVICES
-from helpers import DTYPES, KINDS, MODES, eager_run, float64_reference, leaves_of, make_inputs, rel_err
+from helpers import DTYPES, KINDS, MODES, dx_terms_norm, eager_run, float64_reference, leaves_of, make_inputs, rel_err
 
-# Summation order alone moves a float32 result by a few units of float32 rounding; below that
-# floor "no worse" is noise.
+# Summation order alone moves a float32 result by a few units of float32 rounding, and storing a
+# result in its dtype costs up to one rounding of that dtype, whose share of a small tensor's
+# relative error varies by luck of the draw (about 1/sqrt(n)). Below that floor "no worse" is noise.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 FLOOR = 8 * 2.0**-24
+
+
+def noise_floor(t):
+    return max(FLOOR, UNIT_ROUNDOFF[t.dtype] * min(1.0, 4.0 / t.numel() ** 0.5))
 
 
 def check_case(device, dtype, mode, offset, kind, weight, shift, scale_offset=1.0, mod_dtype=None, w_dtype=None, D=64, T=12):
@@ -36,9 +42,14 @@ def check_case(device, dtype, mode, offset, kind, weight, shift, scale_offset=1.
     ours = [y] + list(grads)
     theirs = [y_e.to(dtype)] + [g.to(l.dtype) for g, l in zip(grads_e, leaves)]
     refs = [y64] + list(grads64)
+    dx_scale = dx_terms_norm(x, w, s, dy, eps, offset, scale_offset)
     for name, a, e, r in zip(names, ours, theirs, refs):
-        err_ours, err_eager = rel_err(a, r), rel_err(e, r)
-        assert err_ours <= 1.05 * err_eager + FLOOR, f"{name}: modnorm {err_ours:.3g} vs eager {err_eager:.3g}"
+        if name == "dx":
+            denom = max(r.norm().item(), dx_scale)
+            err_ours, err_eager = (a.double() - r).norm().item() / denom, (e.double() - r).norm().item() / denom
+        else:
+            err_ours, err_eager = rel_err(a, r), rel_err(e, r)
+        assert err_ours <= 1.05 * err_eager + noise_floor(a), f"{name}: modnorm {err_ours:.3g} vs eager {err_eager:.3g}"
         all_fp32 = all(t.dtype == torch.float32 for t in leaves)
         if all_fp32:
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -97,7 +108,7 @@ def test_rms_norm_plain(device, dtype, mode, offset):
     y64 = modulated_rms_norm_float64(x64, w64, None, None, 1e-5, offset)
     g64 = torch.autograd.grad(y64, (x64, w64), dy.double())
     for a, e, r in zip([y, *g], [y_e.to(dtype), *[t.to(dtype) for t in g_e]], [y64, *g64]):
-        assert rel_err(a, r) <= 1.05 * rel_err(e, r) + FLOOR
+        assert rel_err(a, r) <= 1.05 * rel_err(e, r) + noise_floor(a)
 
 
 @pytest.mark.parametrize("device", DEVICES)
