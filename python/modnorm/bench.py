@@ -195,12 +195,14 @@ class Result:
     error: str | None = None
 
 
-def run_case(case: Case, device, timer, progress):
+def run_case(case: Case, device, timer, progress, providers=None):
     x, w, s, h = make_inputs(case, device)
     grads_of = [t for t in (x, w, s, h) if t is not None]
     dy = torch.randn(x.shape, device=device, dtype=x.dtype)
     results = []
     for name, fn in provider_fns(case, device).items():
+        if providers and name not in providers:
+            continue
         progress(f"  {case.name:12s} {name}")
         r = Result(case.name, name)
         try:
@@ -362,6 +364,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cases", nargs="*", help="subset of case names")
     ap.add_argument("--out", default="docs", help="folder for the table (and plot)")
+    ap.add_argument("--providers", nargs="*", help="subset of providers (e.g. modnorm torch.compile)")
     args = ap.parse_args(argv)
     device = args.device
     cases = GPU_CASES if device == "cuda" else CPU_CASES
@@ -380,7 +383,7 @@ def main(argv=None):
     all_results, floors = {}, {}
     for i, case in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] {case.name} {case.shape}")
-        results, fb, bb = run_case(case, device, timer, progress)
+        results, fb, bb = run_case(case, device, timer, progress, args.providers)
         all_results[case.name] = results
         floors[case.name] = (fb / bandwidth, bb / bandwidth)
         table = render(all_results, floors, device, bandwidth, command.strip())
