@@ -93,23 +93,16 @@ struct RowMap {
   bool blocked = false;
   int64_t block_stride = 0;
 
-  int64_t element_offset(int64_t row) const {
-    int64_t off = 0;
+  int64_t element_offset(int64_t row) const { return dot_digits(row, stride); }
+  int64_t grad_row(int64_t row) const { return dot_digits(row, grad_stride); }
+  // sum_i digit_i(row) * weights[i], the digits of `row` in the mixed radix `size`.
+  int64_t dot_digits(int64_t row, const int64_t* weights) const {
+    int64_t acc = 0;
     for (int i = ndim - 1; i >= 0; --i) {
-      const int64_t digit = row % size[i];
+      acc += (row % size[i]) * weights[i];
       row /= size[i];
-      off += digit * stride[i];
     }
-    return off;
-  }
-  int64_t grad_row(int64_t row) const {
-    int64_t g = 0;
-    for (int i = ndim - 1; i >= 0; --i) {
-      const int64_t digit = row % size[i];
-      row /= size[i];
-      g += digit * grad_stride[i];
-    }
-    return g;
+    return acc;
   }
   // The k-th x row (0 <= k < rows_per_distinct, in increasing row order) reading gradient row g.
   int64_t nth_row_of(int64_t g, int64_t k) const;

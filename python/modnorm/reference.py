@@ -44,27 +44,23 @@ def _norm_eager(x, weight, eps, offset, casting_mode):
     return n * (offset + weight) if weight is not None else n
 
 
-def modulated_rms_norm_eager(x, weight, scale, shift=None, eps=1e-6, offset=0.0, casting_mode="llama", scale_offset=1.0):
-    """The unfused code: norm, then ``* (scale_offset + scale) + shift`` as separate kernels."""
-    n = _norm_eager(x, weight, eps, offset, casting_mode)
+def _modulate(n, x, scale, shift, scale_offset):
+    """``n * (scale_offset + scale) + shift`` as separate eager kernels."""
     if scale is None:
         return n
     out = n * (scale_offset + broadcast_modulation(scale, x))
-    if shift is not None:
-        out = out + broadcast_modulation(shift, x)
-    return out
+    return out + broadcast_modulation(shift, x) if shift is not None else out
+
+
+def modulated_rms_norm_eager(x, weight, scale, shift=None, eps=1e-6, offset=0.0, casting_mode="llama", scale_offset=1.0):
+    """The unfused code: norm, then ``* (scale_offset + scale) + shift`` as separate kernels."""
+    return _modulate(_norm_eager(x, weight, eps, offset, casting_mode), x, scale, shift, scale_offset)
 
 
 def modulated_rms_norm_f_rms_norm(x, weight, scale, shift=None, eps=1e-6, offset=0.0, casting_mode="llama", scale_offset=1.0):
     """``F.rms_norm`` for the norm, then eager modulation (what recent diffusers code does)."""
     w = weight if offset == 0.0 or weight is None else offset + weight
-    n = F.rms_norm(x, (x.shape[-1],), w, eps)
-    if scale is None:
-        return n
-    out = n * (scale_offset + broadcast_modulation(scale, x))
-    if shift is not None:
-        out = out + broadcast_modulation(shift, x)
-    return out
+    return _modulate(F.rms_norm(x, (x.shape[-1],), w, eps), x, scale, shift, scale_offset)
 
 
 def modulated_rms_norm_float64(x, weight, scale, shift=None, eps=1e-6, offset=0.0, scale_offset=1.0):
