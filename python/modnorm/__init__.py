@@ -12,6 +12,7 @@ from . import _ops  # noqa: F401  (loads the extension and registers the ops)
 from .functional import modulated_rms_norm, rms_norm
 from .modules import ModulatedRMSNorm, RMSNorm
 from . import reference  # noqa: F401  (the unfused eager code, for tests and benchmarks)
+from .fusion import compile_backend, fuse
 
-__all__ = ["modulated_rms_norm", "rms_norm", "ModulatedRMSNorm", "RMSNorm"]
+__all__ = ["modulated_rms_norm", "rms_norm", "ModulatedRMSNorm", "RMSNorm", "fuse", "compile_backend"]
 __version__ = "0.1.0"
