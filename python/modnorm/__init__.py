@@ -13,6 +13,7 @@ from .functional import modulated_rms_norm, rms_norm
 from .modules import ModulatedRMSNorm, RMSNorm
 from . import reference  # noqa: F401  (the unfused eager code, for tests and benchmarks)
 from .fusion import compile_backend, fuse
+from .patching import patch
 
-__all__ = ["modulated_rms_norm", "rms_norm", "ModulatedRMSNorm", "RMSNorm", "fuse", "compile_backend"]
+__all__ = ["modulated_rms_norm", "rms_norm", "ModulatedRMSNorm", "RMSNorm", "fuse", "compile_backend", "patch"]
 __version__ = "0.1.0"

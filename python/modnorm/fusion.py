@@ -176,8 +176,9 @@ def _reduction(node):
     return args[0], dims, keepdim
 
 
-def _match_variance(node, xin, gm, nodes):
-    """mean(square(xin), -1, keepdim=True) or sum(...)/D; appends the matched nodes."""
+def _match_variance(node, xin, gm, nodes, upcast):
+    """mean(square(xin), -1, keepdim=True) or sum(...)/D; appends the matched nodes, and to
+    `upcast` the float32 cast of xin the variance was taken of, if it was."""
     rank_shape = _shape(xin, gm)
     rank = len(rank_shape) if rank_shape else None
     D = rank_shape[-1] if rank_shape else None
@@ -200,23 +201,30 @@ def _match_variance(node, xin, gm, nodes):
         return False
     if _is(sq, _POW):
         base, exp = _binary(sq) or (None, None)
-        if base is not xin or exp != 2:
+        if exp != 2:
             return False
     elif _is(sq, _MUL):
         ab = _binary(sq)
-        if ab is None or ab[0] is not xin or ab[1] is not xin:
+        if ab is None or ab[0] is not ab[1]:
             return False
+        base = ab[0]
     elif _is(sq, _SQUARE):
-        if sq.args[0] is not xin:
-            return False
+        base = sq.args[0]
     else:
         return False
+    if base is not xin:
+        # diffusers' RMSNorm: variance of x.float(), then x * rsqrt(...) on x itself (the product
+        # promotes to float32, the same value as x.float() * rsqrt)
+        if not (_is_cast(base) and base.args[0] is xin and _cast_dtype(base) == torch.float32):
+            return False
+        upcast.append(base)
     nodes += [sq, red] + ([node] if divisor is not None else [])
     return True
 
 
 def _match_inv_rms(r, xin, gm, nodes):
-    """r = 1/sqrt(variance + eps) in any of its spellings; returns eps or None."""
+    """r = 1/sqrt(variance + eps) in any of its spellings; returns (eps, x) or None, where x is
+    what the variance was taken of (xin or its float32 upcast)."""
     chain = []
     if _is(r, _MUL) and (_binary(r) or (None, None))[1] == 1 and _single_user(r.args[0]) is r:
         chain.append(r)  # export writes 1 / t as reciprocal(t) * 1
@@ -250,11 +258,11 @@ def _match_eps(a, xin, gm, nodes, chain):
     var, eps = (ab[0], ab[1]) if _number(ab[1]) else (ab[1], ab[0])
     if not _number(eps) or _single_user(a) is None:
         return None
-    found = []
-    if not _match_variance(var, xin, gm, found):
+    found, upcast = [], []
+    if not _match_variance(var, xin, gm, found, upcast):
         return None
     nodes += found + [a] + list(reversed(chain))
-    return float(eps)
+    return float(eps), (upcast[0] if upcast else xin)
 
 
 def _match_norm(node, gm):
@@ -266,9 +274,9 @@ def _match_norm(node, gm):
             return None
         for xin, r in (ab, ab[::-1]):
             if isinstance(xin, fx.Node) and isinstance(r, fx.Node) and _single_user(r) is node:
-                eps = _match_inv_rms(r, xin, gm, nodes)
-                if eps is not None:
-                    return Site(x=xin, eps=eps, nodes=nodes + [node], final=node)
+                found = _match_inv_rms(r, xin, gm, nodes)
+                if found is not None:
+                    return Site(x=found[1], eps=found[0], nodes=nodes + [node], final=node)
                 nodes = []
         return None
     if _is(node, _DIV):
@@ -278,10 +286,10 @@ def _match_norm(node, gm):
         xin, s = ab
         if _single_user(s) is not node:
             return None
-        eps = _match_eps(s.args[0], xin, gm, nodes, [s])
-        if eps is None:
+        found = _match_eps(s.args[0], xin, gm, nodes, [s])
+        if found is None:
             return None
-        return Site(x=xin, eps=eps, nodes=nodes + [node], final=node)
+        return Site(x=found[1], eps=found[0], nodes=nodes + [node], final=node)
     return None
 
 
