@@ -5,8 +5,8 @@ Two kinds of site:
 - norm modules that apply the modulation themselves (Mochi's ``MochiRMSNormZero`` and
   ``MochiModulatedRMSNorm``, Lumina's ``LuminaRMSNormZero``): their ``forward`` is replaced by
   one that calls modnorm's op;
-- blocks that write ``self.norm(x) * (1 + scale) + shift`` inline (LTX-Video, LTX-2, Lumina2,
-  Z-Image, ... blocks): the block's forward is captured once per block class by TorchDynamo and
+- blocks that write ``self.norm(x) * (1 + scale) + shift`` inline (LTX-Video, Lumina2 and
+  Z-Image blocks, and any block class named in ``block_types``): the block's forward is captured once per block class by TorchDynamo and
   rewritten by ``modnorm.fuse``; everything else in the block runs as the same eager ops. The
   sites a block class fused are known after its first call (``PatchReport.sites``).
 
@@ -24,9 +24,9 @@ from .fusion import _fused_site, fuse
 from .functional import modulated_rms_norm, rms_norm
 
 # Blocks known to hold inline RMSNorm + modulation sites; patch(block_types=...) adds others.
+# (Tested on tiny configs of each; other blocks, e.g. LTX-2's, can be named in block_types.)
 KNOWN_BLOCKS = (
     "LTXVideoTransformerBlock",
-    "LTX2VideoTransformerBlock",
     "Lumina2TransformerBlock",
     "ZImageTransformerBlock",
 )
@@ -113,8 +113,8 @@ def _capture(cls, report: PatchReport):
 
 
 def patch(model: torch.nn.Module, block_types=(), verbose: bool = True) -> PatchReport:
-    """Swaps the RMSNorm + modulation sites of a diffusers transformer (LTX-Video, LTX-2, Mochi,
-    Lumina2, Z-Image) for modnorm's fused op, in place. ``block_types`` names further block classes
+    """Swaps the RMSNorm + modulation sites of a diffusers transformer (LTX-Video, Mochi, Lumina2,
+    Z-Image) for modnorm's fused op, in place. ``block_types`` names further block classes
     with inline ``norm(x) * (1 + scale) + shift`` sites. Returns (and prints) what was swapped."""
     report = PatchReport()
     wanted_blocks = set(KNOWN_BLOCKS) | {t if isinstance(t, str) else t.__name__ for t in block_types}

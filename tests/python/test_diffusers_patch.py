@@ -130,3 +130,30 @@ def test_lumina2_report():
     # the modulated blocks fuse ffn_norm1 * (1 + scale_mlp) with its gamma; norm1 is a swapped module
     assert "LuminaRMSNormZero" in text
     assert any("gamma + scale(scale_offset 1)" in line for r in report.sites["Lumina2TransformerBlock"] for line in r), text
+
+
+def test_z_image_block():
+    # Z-Image's model takes lists of variable-size images; its block is tested directly.
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    torch._dynamo.reset()
+    block = _perturb(ZImageTransformerBlock(0, 32, 2, 2, 1e-5, True))
+    patched = copy.deepcopy(block)
+    holder = torch.nn.ModuleList([patched])
+    report = modnorm.patch(holder, verbose=False)
+    assert report.blocks == {"ZImageTransformerBlock": ["0"]}
+    B, T = 2, 6
+    x = torch.randn(B, T, 32, requires_grad=True)
+    args = (torch.ones(B, T, dtype=torch.bool), None, torch.randn(B, 32))
+    dy = torch.randn(B, T, 32)
+    ref = block(x, *args)
+    g_ref = torch.autograd.grad(ref, [x] + list(block.parameters()), dy)
+    out = patched(x, *args)
+    g = torch.autograd.grad(out, [x] + list(patched.parameters()), dy)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    (sites,) = report.sites["ZImageTransformerBlock"]
+    # attention_norm1 * scale_msa and ffn_norm1 * scale_mlp (1 + scale precomputed in the graph),
+    # the gated residual norms, and the per-head QK norms
+    assert sites[-1] == "modnorm.fuse: 6 site(s) fused", sites
