@@ -4,15 +4,17 @@
 //   dx = rstd * (a - xhat * mean(a * xhat)),  dweight = sum dn * xhat (llama: round(xhat)),
 //   dscale = sum g * norm(x),  dshift = sum g.
 //
-// backward_reg_kernel: the main path. A persistent grid whose row-to-block assignment is a fixed
+// backward_reg_kernel / backward_pipe_kernel: the main path. A persistent grid whose row-to-block assignment is a fixed
 // function of the shape: block b owns a contiguous row range, inside one modulation group when
 // shared per-sample modulation gradients are fused (groups of rows_per_distinct consecutive rows).
 // Each thread owns fixed columns, so it accumulates dweight / shared dscale / dshift partials in
 // registers over its rows and writes them once, as block partials, at the end; finalize_kernel
-// sums those partials in a fixed order. Rows are held in registers: x and dy are read once, and
-// where registers allow (8 elements per thread or fewer) the next row's x and dy are loaded
-// while the current row is reduced. dx is written only after the whole dy row is in registers,
-// so dx may alias dy.
+// sums those partials in a fixed order. The reg kernel loads x and dy rows straight into
+// registers (the next row's too where registers allow). The pipe kernel (per-token scale rows,
+// short rows) streams x and dy rows (and per-token scale rows) through a ring of shared-memory slots filled by cp.async stages - 1 rows ahead (each thread copies and
+// reads back only its own vectors), then sit in registers: x and dy are read once. dx of a row is
+// written only after the team's sum, which every thread reaches only after its share of that dy
+// row is in registers; the ring only ever reads rows after the current one, so dx may alias dy.
 //
 // backward_loop_kernel: rows too long for registers or unaligned layouts. dx (and per-row dscale
 // / dshift) only; walks the row twice, staging each thread's own x/dy vectors in shared memory
@@ -58,6 +60,11 @@ struct BackwardArgs {
   int64_t blocks_per_group = 1;
   int64_t rows_per_block = 0;
   int staged = 0;  // loop kernel
+  // Pipe kernel: dynamic shared memory = [team partials: partials_smem bytes][ring per team:
+  // stages slots of stage_bytes: x vectors at 0, dy at g_stage_off, scale at m_stage_off when
+  // m_vec_bytes > 0 (per-token scale rows)].
+  int stages = 2, stage_bytes = 0, g_stage_off = 0, m_stage_off = 0, m_vec_bytes = 0;
+  int partials_smem = 0;
 };
 
 template <int THREADS>
@@ -238,6 +245,196 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>()
         float s = 0.f;
 #pragma unroll
         for (int t = 0; t < TEAMS; ++t) s += team_partials[t * p.dim + col];
+        dst[col] = s;
+      }
+      __syncthreads();
+    }
+  };
+  if (p.dweight_partials != nullptr) flush(acc_w, p.dweight_partials);
+  if (p.dscale_partials != nullptr) flush(acc_s, p.dscale_partials);
+  if (p.dshift_partials != nullptr) flush(acc_h, p.dshift_partials);
+}
+
+// m = scale_offset + scale for one vector: from the ring slot when staged, else through L1.
+template <int VEC>
+__device__ __forceinline__ void pipe_scale(const BackwardArgs& p, const char* st, int v,
+                                           int64_t scale_idx, float* m) {
+  if (p.m_vec_bytes != 0) {
+    load_plain_any<VEC>(st + p.m_stage_off + v * p.m_vec_bytes, p.scale_dtype, m);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
+  } else {
+    load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset,
+                    scale_idx + static_cast<int64_t>(v) * VEC, m);
+  }
+}
+
+template <DType XT, CastingMode M, int VEC, int NV, int TPR>
+__global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ? 1 : 2)
+    backward_pipe_kernel(const __grid_constant__ BackwardArgs p) {
+  using Raw = XRaw<XT, VEC>;
+  static_assert(sizeof(Raw) == 16, "the pipe kernel stages 16-byte vectors");
+  __shared__ float red[2][32];
+  extern __shared__ __align__(16) char bwd_pipe_mem[];
+  const int tpr = TPR == 0 ? static_cast<int>(blockDim.x) : TPR;
+  const int teams = TPR == 0 ? 1 : static_cast<int>(blockDim.x) / TPR;
+  const int team = TPR == 0 ? 0 : static_cast<int>(threadIdx.x) / TPR;
+  const int lane = TPR == 0 ? static_cast<int>(threadIdx.x) : static_cast<int>(threadIdx.x) % TPR;
+  float* team_partials = reinterpret_cast<float*>(bwd_pipe_mem);  // [teams][dim], teams > 1
+  char* ring = bwd_pipe_mem + p.partials_smem + static_cast<size_t>(team) * p.stages * p.stage_bytes;
+
+  const int64_t group = blockIdx.x / p.blocks_per_group;
+  const int64_t sub = blockIdx.x % p.blocks_per_group;
+  const int64_t group_begin = group * p.group_rows;
+  const int64_t group_end = min(group_begin + p.group_rows, p.rows);
+  const int64_t row_begin = min(group_begin + sub * p.rows_per_block, group_end);
+  const int64_t row_end = min(row_begin + p.rows_per_block, group_end);
+  // Iterations are uniform over the block, so every lane reaches every sum.
+  const int64_t iters = (row_end - row_begin + teams - 1) / teams;
+  const int m_es = p.m_vec_bytes / VEC;
+
+  float acc_w[NV][VEC], acc_s[NV][VEC], acc_h[NV][VEC];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc_w[i][e] = acc_s[i][e] = acc_h[i][e] = 0.f;
+  }
+
+  auto issue = [&](int64_t j, int slot) {
+    const int64_t row = row_begin + j * teams + team;
+    if (j < iters && row < row_end) {
+      char* st = ring + slot * p.stage_bytes;
+      const char* xrow = elem_ptr<XT>(p.x, row * p.x_row_stride);
+      // dy may be the dx this kernel writes, but only for rows already finished.
+      const char* grow = elem_ptr<XT>(p.dy, row * p.dy_row_stride);
+      const char* mrow = p.m_vec_bytes != 0
+                             ? static_cast<const char*>(p.scale) + map_offset(p.scale_map, row) * m_es
+                             : nullptr;
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * tpr;
+        if (v < p.dim_vecs) {
+          cp_async_16(st + v * 16, xrow + static_cast<int64_t>(v) * 16);
+          cp_async_16(st + p.g_stage_off + v * 16, grow + static_cast<int64_t>(v) * 16);
+          if (mrow != nullptr) {
+            cp_async_vec(st + p.m_stage_off + v * p.m_vec_bytes,
+                         mrow + static_cast<int64_t>(v) * p.m_vec_bytes, p.m_vec_bytes);
+          }
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  auto load_rstd = [&](int64_t j) {
+    const int64_t row = row_begin + j * teams + team;
+    return (j < iters && row < row_end) ? __ldg(p.rstd + row) : 0.f;
+  };
+
+  // rstd travels 4 rows ahead in registers.
+  float rs0 = load_rstd(0), rs1 = load_rstd(1), rs2 = load_rstd(2), rs3 = load_rstd(3);
+  for (int s = 0; s < p.stages - 1; ++s) issue(s, s);
+  int slot = 0;
+  int fill = p.stages - 1;
+  for (int64_t j = 0; j < iters; ++j) {
+    issue(j + p.stages - 1, fill);
+    const float rstd = rs0;
+    rs0 = rs1;
+    rs1 = rs2;
+    rs2 = rs3;
+    rs3 = load_rstd(j + 4);
+    cp_async_wait_ring(p.stages);
+    const int64_t row = row_begin + j * teams + team;
+    const bool active = row < row_end;
+    const char* st = ring + slot * p.stage_bytes;
+    Raw xr[NV], gr[NV];
+    float dot = 0.f;
+    int64_t scale_idx = 0;
+    if (active) {
+      scale_idx = (p.scale != nullptr && p.m_vec_bytes == 0) ? map_offset(p.scale_map, row) : 0;
+      const int64_t dscale_row = p.dscale_direct != nullptr ? map_grad_row(p.scale_map, row) : 0;
+      const int64_t dshift_row = p.dshift_direct != nullptr ? map_grad_row(p.shift_map, row) : 0;
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * tpr;
+        if (v < p.dim_vecs) {
+          xr[i] = reinterpret_cast<const Raw*>(st)[v];
+          gr[i] = reinterpret_cast<const Raw*>(st + p.g_stage_off)[v];
+          float xf[VEC], gf[VEC], w[VEC], m[VEC], direct[VEC];
+          unpack<XT, VEC>(xr[i], xf);
+          unpack<XT, VEC>(gr[i], gf);
+          const int64_t col = static_cast<int64_t>(v) * VEC;
+          load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+          pipe_scale<VEC>(p, st, v, scale_idx, m);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const float xhat = xf[e] * rstd;
+            const float dn = gf[e] * m[e];
+            dot += dn * w[e] * xhat;
+            if (p.dweight_partials != nullptr) acc_w[i][e] += dn * weight_factor<M, XT>(xhat);
+            if (p.dscale_partials != nullptr) acc_s[i][e] += gf[e] * norm_value<M, XT>(xhat, w[e]);
+            if (p.dshift_partials != nullptr) acc_h[i][e] += gf[e];
+            direct[e] = gf[e] * norm_value<M, XT>(xhat, w[e]);
+          }
+          if (p.dscale_direct != nullptr) {
+            store_any<VEC>(p.dscale_direct, p.scale_dtype, dscale_row * p.dim + col, direct,
+                           p.dscale_vectorized != 0);
+          }
+          if (p.dshift_direct != nullptr) {
+            store_any<VEC>(p.dshift_direct, p.shift_dtype, dshift_row * p.dim + col, gf,
+                           p.dshift_vectorized != 0);
+          }
+        }
+      }
+    }
+    const float c = team_sum_rt<TPR>(dot, red[j & 1]) * p.inv_dim;
+    if (active && p.dx != nullptr) {
+      void* dxrow = elem_ptr<XT>(p.dx, row * static_cast<int64_t>(p.dim));
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * tpr;
+        if (v < p.dim_vecs) {
+          float xf[VEC], gf[VEC], w[VEC], m[VEC], out[VEC];
+          unpack<XT, VEC>(xr[i], xf);
+          unpack<XT, VEC>(gr[i], gf);
+          const int64_t col = static_cast<int64_t>(v) * VEC;
+          load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+          pipe_scale<VEC>(p, st, v, scale_idx, m);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) out[e] = rstd * (gf[e] * m[e] * w[e] - xf[e] * rstd * c);
+          store_elems<XT, VEC>(dxrow, col, out, p.dx_vectorized != 0);
+        }
+      }
+    }
+    slot = slot + 1 == p.stages ? 0 : slot + 1;
+    fill = fill + 1 == p.stages ? 0 : fill + 1;
+  }
+  cp_async_wait<0>();
+
+  // Block partials: teams combine in team order, so the sum is a fixed function of the shape.
+  auto flush = [&](float (&acc)[NV][VEC], float* partials) {
+    float* dst = partials + static_cast<int64_t>(blockIdx.x) * p.dim;
+    if (teams == 1) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * tpr;
+        if (v < p.dim_vecs) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) dst[v * VEC + e] = acc[i][e];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * tpr;
+        if (v < p.dim_vecs) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) team_partials[team * p.dim + v * VEC + e] = acc[i][e];
+        }
+      }
+      __syncthreads();
+      for (int col = threadIdx.x; col < p.dim; col += blockDim.x) {
+        float s = 0.f;
+        for (int t = 0; t < teams; ++t) s += team_partials[t * p.dim + col];
         dst[col] = s;
       }
       __syncthreads();

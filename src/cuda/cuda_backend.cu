@@ -3,7 +3,8 @@
 // Paths, chosen from the plan alone:
 //   forward:  rows held in registers (forward_reg_kernel) up to 4096 16-byte vectors per row,
 //             otherwise forward_loop_kernel (long rows, or layouts without 16-byte alignment).
-//   backward: backward_reg_kernel up to 1024 16-byte vectors per row, computing
+//   backward: up to 1024 16-byte vectors per row, backward_reg_kernel, or backward_pipe_kernel
+//             (rows streamed through a cp.async ring) for per-token scale and short rows, computing
 //             dx, dweight partials, per-row dscale/dshift, and fused partials for shared blocked
 //             (per-sample / per-frame / groups) modulation; everything else goes through the
 //             read-only column_grad_kernel first and backward_loop_kernel for dx.
@@ -30,6 +31,7 @@ using cuda_detail::device_info;
 using cuda_detail::blocks_per_sm;
 using cuda_detail::allow_dynamic_smem;
 using cuda_detail::elem_bytes;
+
 
 template <int NV, int TPR, int TEAMS>
 struct Config {
@@ -88,6 +90,21 @@ bool rows_vectorizable(const ForwardPlan& p, int vec, const void* dy, int64_t dy
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// Pipe kernel shapes: NV vectors per thread, TPR lanes per team (0: one team = the block).
+template <int NV, int TPR>
+struct Pipe {
+  static constexpr int kNV = NV;
+  static constexpr int kTPR = TPR;
+};
+
+int round_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b * b); }
+
+// Threads of a pipe kernel's block for a row of dim_vecs vectors.
+int pipe_threads(int dim_vecs, int nv, int tpr) {
+  return tpr > 0 ? cuda_detail::kTeamBlockThreads
+                 : round_up(std::max<int64_t>(1, ceil_div(dim_vecs, nv)), 32);
+}
+
 // Register-resident configurations by row length in vectors: small rows get warp (or half-warp)
 // teams, several rows per block; larger rows one block each, 2-4 vectors per thread in flight.
 template <int VEC, typename F>
@@ -103,6 +120,13 @@ bool visit_forward_config(int dim_vecs, F&& f) {
   if (dim_vecs <= 4096) return f(Config<4, 1024, 1>{}), true;
   return false;
 }
+
+// Ring depth from the bytes of one stage of the whole block: 2 to 4 stages within `budget`.
+int ring_stages(int64_t block_stage_bytes, int64_t budget) {
+  return static_cast<int>(std::max<int64_t>(2, std::min<int64_t>(4, budget / block_stage_bytes)));
+}
+
+constexpr int64_t kBackwardRingBudget = 64 * 1024;
 
 constexpr int kLoopBlockThreads = 512;
 constexpr int kSmallLoopDim = 1024;  // unvectorized rows up to this use warp teams
@@ -204,6 +228,19 @@ bool visit_backward_config(int dim_vecs, F&& f) {
   return false;
 }
 
+// Backward pipe shapes: at most 16 elements per thread, since each thread also keeps up to three
+// partial sums per element across its rows, and no more than 512 threads per block so the
+// compiler may give each thread 128 registers.
+template <typename F>
+bool visit_backward_pipe(int dim_vecs, F&& f) {
+  if (dim_vecs <= 8) return f(Pipe<1, 8>{}), true;
+  if (dim_vecs <= 16) return f(Pipe<1, 16>{}), true;
+  if (dim_vecs <= 32) return f(Pipe<1, 32>{}), true;
+  if (dim_vecs <= 256) return f(Pipe<1, 0>{}), true;
+  if (dim_vecs <= 1024) return f(Pipe<2, 0>{}), true;
+  return false;
+}
+
 enum class GradRoute { kNone, kDirect, kFused, kColumn };
 
 struct ColumnPlan {
@@ -219,6 +256,8 @@ struct BackwardLayout {
   bool reg_path = false;
   int threads = 0, teams = 1;
   size_t reg_smem = 0;
+  bool pipe = false;  // backward_pipe_kernel, else backward_reg_kernel
+  int stages = 2, stage_bytes = 0, m_stage_off = 0, m_vec_bytes = 0, partials_smem = 0;
   int64_t blocks = 0, groups = 1, group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   GradRoute dweight = GradRoute::kNone, dscale = GradRoute::kNone, dshift = GradRoute::kNone;
   bool shift_with_scale = false;  // one column pass computes both
@@ -274,14 +313,47 @@ struct BackwardImpl {
 
     const void* kernel = nullptr;
     if (l.vectorized) {
-      l.reg_path = visit_backward_config<kVec>(static_cast<int>(dim_vecs), [&](auto config) {
-        using C = decltype(config);
-        kernel = reinterpret_cast<const void*>(
-            cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>);
-        l.threads = C::kThreads;
-        l.teams = C::kTeams;
-        l.reg_smem = C::kTeams > 1 ? size_t(C::kTeams) * p.dim * sizeof(float) : 0;
-      });
+      const int dv = static_cast<int>(dim_vecs);
+      // The pipe kernel where it measured faster (v0.2, H200): per-token scale rows streamed
+      // through its ring, and short rows (warp teams); elsewhere the register kernel, whose
+      // weight/shared-modulation re-reads through L1 ran faster than the pipe's.
+      const bool stage_m = p.scale.present() && p.scale_map.rows_per_distinct == 1;
+      if (stage_m || dv <= 32) {
+        visit_backward_pipe(dv, [&](auto shape) {
+          using S = decltype(shape);
+          const int threads = pipe_threads(dv, S::kNV, S::kTPR);
+          const int teams = S::kTPR > 0 ? threads / S::kTPR : 1;
+          const int m_vec_bytes = stage_m ? kVec * static_cast<int>(dtype_size(p.scale.dtype)) : 0;
+          const int m_off = 2 * dv * 16;
+          const int64_t stage_bytes = round_up(int64_t(m_off) + int64_t(dv) * m_vec_bytes, 16);
+          const int partials_smem = teams > 1 ? round_up(int64_t(teams) * p.dim * 4, 16) : 0;
+          const int stages = ring_stages(teams * stage_bytes, kBackwardRingBudget);
+          const size_t smem = size_t(partials_smem) + size_t(teams) * stages * stage_bytes;
+          if (smem + kStaticSmemReserve > info.max_smem_optin) return;
+          kernel = reinterpret_cast<const void*>(
+              cuda_detail::backward_pipe_kernel<XT, M, kVec, S::kNV, S::kTPR>);
+          l.threads = threads;
+          l.teams = teams;
+          l.reg_smem = smem;
+          l.stages = stages;
+          l.stage_bytes = static_cast<int>(stage_bytes);
+          l.m_stage_off = m_off;
+          l.m_vec_bytes = m_vec_bytes;
+          l.partials_smem = partials_smem;
+          l.reg_path = true;
+          l.pipe = true;
+        });
+      }
+      if (!l.reg_path) {
+        l.reg_path = visit_backward_config<kVec>(dv, [&](auto config) {
+          using C = decltype(config);
+          kernel = reinterpret_cast<const void*>(
+              cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>);
+          l.threads = C::kThreads;
+          l.teams = C::kTeams;
+          l.reg_smem = C::kTeams > 1 ? size_t(C::kTeams) * p.dim * sizeof(float) : 0;
+        });
+      }
     }
     if (l.reg_path) {
       if (bp.need_dweight) l.dweight = GradRoute::kFused;
@@ -489,12 +561,28 @@ struct BackwardImpl {
                             a.dshift_direct != nullptr || a.dweight_partials != nullptr ||
                             a.dscale_partials != nullptr || a.dshift_partials != nullptr;
       if (any_work) {
-        visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
-          using C = decltype(config);
-          auto kernel = cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
-          kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
-          check_launch("modnorm backward_reg_kernel");
-        });
+        a.stages = l.stages;
+        a.stage_bytes = l.stage_bytes;
+        a.g_stage_off = a.dim_vecs * 16;
+        a.m_stage_off = l.m_stage_off;
+        a.m_vec_bytes = l.m_vec_bytes;
+        a.partials_smem = l.partials_smem;
+        if (l.pipe) {
+          visit_backward_pipe(a.dim_vecs, [&](auto shape) {
+            using S = decltype(shape);
+            auto kernel = cuda_detail::backward_pipe_kernel<XT, M, kVec, S::kNV, S::kTPR>;
+            allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
+            kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
+            check_launch("modnorm backward_pipe_kernel");
+          });
+        } else {
+          visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
+            using C = decltype(config);
+            auto kernel = cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
+            kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
+            check_launch("modnorm backward_reg_kernel");
+          });
+        }
       }
     } else if (a.dx != nullptr || a.dscale_direct != nullptr || a.dshift_direct != nullptr) {
       auto go = [&](auto vec_tag) {

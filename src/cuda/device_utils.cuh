@@ -236,24 +236,45 @@ struct DevMap {
   int64_t block_grad_stride = 0;  // gradient row per block of rows_per_distinct rows
 };
 
+// q = a / b, r = a % b for non-negative a, positive b; 32-bit division when both fit (the
+// common case; 64-bit division is a long subroutine and runs once per row per thread).
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32) == 0) {
+    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+    q = q32;
+    r = static_cast<int64_t>(static_cast<uint32_t>(a) - q32 * static_cast<uint32_t>(b));
+  } else {
+    q = a / b;
+    r = a - q * b;
+  }
+}
+
 __device__ __forceinline__ int64_t map_offset(const DevMap& m, int64_t row) {
-  if (m.blocked) return (row / m.rows_per_distinct) * m.block_stride;
+  int64_t q, r;
+  if (m.blocked) {
+    divmod(row, m.rows_per_distinct, q, r);
+    return q * m.block_stride;
+  }
   int64_t off = 0;
   for (int i = m.ndim - 1; i >= 0; --i) {
-    const int64_t digit = row % m.size[i];
-    row /= m.size[i];
-    off += digit * m.stride[i];
+    divmod(row, m.size[i], q, r);
+    row = q;
+    off += r * m.stride[i];
   }
   return off;
 }
 
 __device__ __forceinline__ int64_t map_grad_row(const DevMap& m, int64_t row) {
-  if (m.blocked) return (row / m.rows_per_distinct) * m.block_grad_stride;
+  int64_t q, r;
+  if (m.blocked) {
+    divmod(row, m.rows_per_distinct, q, r);
+    return q * m.block_grad_stride;
+  }
   int64_t g = 0;
   for (int i = m.ndim - 1; i >= 0; --i) {
-    const int64_t digit = row % m.size[i];
-    row /= m.size[i];
-    g += digit * m.grad_stride[i];
+    divmod(row, m.size[i], q, r);
+    row = q;
+    g += r * m.grad_stride[i];
   }
   return g;
 }
@@ -292,6 +313,92 @@ __device__ __forceinline__ float team_sum(float v, float* red) {
 #pragma unroll
     for (int i = 0; i < TPR / 32; ++i) t += red[i];
     __syncthreads();  // red is reused by the next row
+    return t;
+  } else {
+    (void)red;
+    return v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous row staging (cp.async, sm_80+): each thread copies its own 16-byte vectors of a
+// future row into its own shared-memory slots and later reads back only those slots, so the ring
+// needs no barrier; the copies hold no registers while in flight. .cg bypasses L1, which stays
+// free for the weight and shared modulation vectors every row re-reads.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_u32(dst)), "l"(src)
+               : "memory");
+}
+// 8, 16 or 32 bytes (one vector of a modulation operand), aligned to min(16, bytes).
+__device__ __forceinline__ void cp_async_vec(char* dst, const char* src, int bytes) {
+  if (bytes == 8) {
+    cp_async_8(dst, src);
+  } else {
+    cp_async_16(dst, src);
+    if (bytes == 32) cp_async_16(dst + 16, src + 16);
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most stages - 1 groups are pending (stages in 2..4).
+__device__ __forceinline__ void cp_async_wait_ring(int stages) {
+  if (stages >= 4) {
+    cp_async_wait<3>();
+  } else if (stages == 3) {
+    cp_async_wait<2>();
+  } else {
+    cp_async_wait<1>();
+  }
+}
+
+// N elements of dtype T from shared memory (or any generic address) with plain loads.
+template <DType T, int N>
+__device__ __forceinline__ void load_plain(const char* ptr, float* f) {
+  constexpr int kBytes = N * elem_bytes<T>();
+  constexpr int kChunkBytes = kBytes > 16 ? 16 : kBytes;
+  constexpr int kPerChunk = kChunkBytes / elem_bytes<T>();
+  using Raw = typename RawOf<kChunkBytes>::type;
+  const Raw* r = reinterpret_cast<const Raw*>(ptr);
+#pragma unroll
+  for (int c = 0; c < N / kPerChunk; ++c) unpack<T, kPerChunk>(r[c], f + c * kPerChunk);
+}
+
+template <int N>
+__device__ __forceinline__ void load_plain_any(const char* ptr, int dtype, float* f) {
+  if (dtype == kDtF32) {
+    load_plain<DType::kFloat32, N>(ptr, f);
+  } else if (dtype == kDtBF16) {
+    load_plain<DType::kBFloat16, N>(ptr, f);
+  } else {
+    load_plain<DType::kFloat16, N>(ptr, f);
+  }
+}
+
+// Sum over a team: TPR > 0 lanes of a warp (xor butterflies), or TPR == 0 the whole block, with
+// a run-time number of warps whose partials are read in one fixed order. `red` holds 32 floats
+// and must alternate between two buffers on consecutive calls (no trailing barrier).
+template <int TPR>
+__device__ __forceinline__ float team_sum_rt(float v, float* red) {
+  constexpr int kWarpSpan = (TPR == 0 || TPR > 32) ? 32 : TPR;
+#pragma unroll
+  for (int o = kWarpSpan / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if constexpr (TPR == 0) {
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) red[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+    const int warps = blockDim.x >> 5;
+    for (int i = 0; i < warps; ++i) t += red[i];
     return t;
   } else {
     (void)red;

@@ -86,6 +86,8 @@ __device__ __forceinline__ void forward_vector(const ForwardArgs& p, const XRaw<
   store_elems<XT, VEC>(yrow, col, out, p.y_vectorized != 0);
 }
 
+constexpr int kTeamBlockThreads = 256;  // backward pipe kernel with warp teams
+
 template <int THREADS>
 constexpr int forward_min_blocks() {
   return THREADS >= 1024 ? 1 : 1024 / THREADS;
