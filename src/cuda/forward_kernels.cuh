@@ -88,13 +88,18 @@ __device__ __forceinline__ void forward_vector(const ForwardArgs& p, const XRaw<
 
 constexpr int kTeamBlockThreads = 256;  // backward pipe kernel with warp teams
 
-template <int THREADS>
+// Blocks per SM the register budget must allow. Rows of 1-2 vectors per thread fit in 40
+// registers, and 12 resident 128-thread blocks instead of 9 keep more rows' loads in flight
+// (ncu on ltx2b-t2v: 54 registers capped occupancy at 56%); 4 vectors per thread need more
+// registers than that without spilling, so they keep 8 blocks of 128 threads.
+template <int THREADS, int NV>
 constexpr int forward_min_blocks() {
-  return THREADS >= 1024 ? 1 : 1024 / THREADS;
+  constexpr int resident_threads = NV <= 2 ? 1536 : 1024;
+  return THREADS >= resident_threads ? 1 : resident_threads / THREADS;
 }
 
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS>
-__global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS>())
+__global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV>())
     forward_reg_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
@@ -141,7 +146,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS>())
 }
 
 template <DType XT, CastingMode M, int VEC, int TPR, int TEAMS>
-__global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS>())
+__global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, 4>())
     forward_loop_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
