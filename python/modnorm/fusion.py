@@ -314,6 +314,18 @@ def _per_channel(node, D, gm):
     return shape[0] == D if D is not None else shape[0] > 1
 
 
+def _constant_plus(node, user):
+    """(c, t) when `node` is c + t (either order, c a number) read only by `user`, else (0, node):
+    the offset of a gamma, the scale_offset of a modulation."""
+    if _is(node, _ADD) and _single_user(node) is user:
+        a, b = _binary(node) or (None, None)
+        if _number(a) and isinstance(b, fx.Node):
+            return float(a), b
+        if _number(b) and isinstance(a, fx.Node):
+            return float(b), a
+    return 0.0, node
+
+
 def _extend(site, gm):
     """Walks forward from the normalized value: casts, gamma, scale, shift."""
     x_shape = _shape(site.x, gm)
@@ -346,13 +358,8 @@ def _extend(site, gm):
         if ab is None:
             return False
         other = ab[1] if ab[0] is cur else ab[0]
-        offset, w, extra = 0.0, other, []
-        if _is(other, _ADD) and _single_user(other) is n:
-            a, b = _binary(other) or (None, None)
-            if _number(a) and isinstance(b, fx.Node):
-                offset, w, extra = float(a), b, [other]
-            elif _number(b) and isinstance(a, fx.Node):
-                offset, w, extra = float(b), a, [other]
+        offset, w = _constant_plus(other, n)
+        extra = [other] if w is not other else []
         if _is_cast(w) and _single_user(w) is not None and _cast_dtype(w) == torch.float32:
             w, extra = w.args[0], [w] + extra
         if not _per_channel(w, D, gm):
@@ -391,13 +398,7 @@ def _extend(site, gm):
         other = ab[1] if ab[0] is cur else ab[0]
         if not isinstance(other, fx.Node) or other.op == "get_attr":
             return False  # constants are gammas, handled above
-        so, s = 0.0, other
-        if _is(other, _ADD) and _single_user(other) is n:
-            a, b = _binary(other) or (None, None)
-            if _number(a) and isinstance(b, fx.Node):
-                so, s = float(a), b
-            elif _number(b) and isinstance(a, fx.Node):
-                so, s = float(b), a
+        so, s = _constant_plus(other, n)
         scale_other = other
         site.scale, site.scale_offset = s, so
         return True

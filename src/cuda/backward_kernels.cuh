@@ -72,6 +72,41 @@ constexpr int backward_min_blocks() {
   return THREADS >= 512 ? 1 : 512 / THREADS;
 }
 
+// Writes this block's per-column partials (row blockIdx.x of `partials`). Teams of one block
+// combine in team order through shared memory, so every sum is a fixed function of the shape.
+template <int NV, int VEC>
+__device__ __forceinline__ void write_block_partials(const float (&acc)[NV][VEC], float* partials,
+                                                     int dim, int dim_vecs, int lane, int tpr,
+                                                     int team, int teams, float* team_partials) {
+  float* dst = partials + static_cast<int64_t>(blockIdx.x) * dim;
+  if (teams == 1) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * tpr;
+      if (v < dim_vecs) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) dst[v * VEC + e] = acc[i][e];
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * tpr;
+    if (v < dim_vecs) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) team_partials[team * dim + v * VEC + e] = acc[i][e];
+    }
+  }
+  __syncthreads();
+  for (int col = threadIdx.x; col < dim; col += blockDim.x) {
+    float s = 0.f;
+    for (int t = 0; t < teams; ++t) s += team_partials[t * dim + col];
+    dst[col] = s;
+  }
+  __syncthreads();
+}
+
 // Per-vector gradient math shared by the register and loop kernels: returns this vector's share
 // of sum(a * xhat), accumulates partials and writes direct modulation gradients as asked.
 template <DType XT, CastingMode M, int VEC, bool kAccumulate>
@@ -219,36 +254,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>()
     }
   }
 
-  // Block partials: teams combine in team order, so the sum is a fixed function of the shape.
   auto flush = [&](float (&acc)[NV][VEC], float* partials) {
-    float* dst = partials + static_cast<int64_t>(blockIdx.x) * p.dim;
-    if constexpr (TEAMS == 1) {
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        const int v = lane + i * TPR;
-        if (v < p.dim_vecs) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) dst[v * VEC + e] = acc[i][e];
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        const int v = lane + i * TPR;
-        if (v < p.dim_vecs) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) team_partials[team * p.dim + v * VEC + e] = acc[i][e];
-        }
-      }
-      __syncthreads();
-      for (int col = threadIdx.x; col < p.dim; col += blockDim.x) {
-        float s = 0.f;
-#pragma unroll
-        for (int t = 0; t < TEAMS; ++t) s += team_partials[t * p.dim + col];
-        dst[col] = s;
-      }
-      __syncthreads();
-    }
+    write_block_partials<NV, VEC>(acc, partials, p.dim, p.dim_vecs, lane, TPR, team, TEAMS, team_partials);
   };
   if (p.dweight_partials != nullptr) flush(acc_w, p.dweight_partials);
   if (p.dscale_partials != nullptr) flush(acc_s, p.dscale_partials);
@@ -410,35 +417,8 @@ __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ?
   }
   cp_async_wait<0>();
 
-  // Block partials: teams combine in team order, so the sum is a fixed function of the shape.
   auto flush = [&](float (&acc)[NV][VEC], float* partials) {
-    float* dst = partials + static_cast<int64_t>(blockIdx.x) * p.dim;
-    if (teams == 1) {
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        const int v = lane + i * tpr;
-        if (v < p.dim_vecs) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) dst[v * VEC + e] = acc[i][e];
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        const int v = lane + i * tpr;
-        if (v < p.dim_vecs) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) team_partials[team * p.dim + v * VEC + e] = acc[i][e];
-        }
-      }
-      __syncthreads();
-      for (int col = threadIdx.x; col < p.dim; col += blockDim.x) {
-        float s = 0.f;
-        for (int t = 0; t < teams; ++t) s += team_partials[t * p.dim + col];
-        dst[col] = s;
-      }
-      __syncthreads();
-    }
+    write_block_partials<NV, VEC>(acc, partials, p.dim, p.dim_vecs, lane, tpr, team, teams, team_partials);
   };
   if (p.dweight_partials != nullptr) flush(acc_w, p.dweight_partials);
   if (p.dscale_partials != nullptr) flush(acc_s, p.dscale_partials);

@@ -132,11 +132,33 @@ constexpr int kLoopBlockThreads = 512;
 constexpr int kSmallLoopDim = 1024;  // unvectorized rows up to this use warp teams
 constexpr size_t kStaticSmemReserve = 1024;
 
+// Launches a loop kernel (forward or backward): as many blocks as fit at once, each walking rows;
+// the row is staged in dynamic shared memory when `stage_bytes` (0: never) fits beside the
+// static reservation.
+template <typename Args>
+void launch_loop_kernel(const void* kernel, Args& a, int threads, int teams, size_t stage_bytes,
+                        int64_t rows, int device, cudaStream_t stream, const char* name) {
+  const cuda_detail::DeviceInfo& info = device_info(device);
+  size_t smem = 0;
+  a.staged = 0;
+  if (stage_bytes > 0 && stage_bytes + kStaticSmemReserve <= info.max_smem_optin) {
+    smem = stage_bytes;
+    a.staged = 1;
+  }
+  const int occupancy = blocks_per_sm(device, kernel, threads, smem);
+  const int64_t grid = std::min<int64_t>(ceil_div(rows, teams), int64_t(info.sm_count) * occupancy);
+  allow_dynamic_smem(kernel, smem);
+  void* args[] = {&a};
+  cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(threads),
+                                           args, smem, stream),
+                          name);
+  check_launch(name);
+}
+
 template <DType XT, CastingMode M>
 struct ForwardImpl {
   template <int VEC>
   static void launch(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream, int device) {
-    const cuda_detail::DeviceInfo& info = device_info(device);
     a.dim_vecs = static_cast<int>(p.dim / VEC);
     a.y_vectorized = cuda_detail::output_vectorizable(a.y, p.x_dtype, VEC) ? 1 : 0;
     if constexpr (VEC > 1) {
@@ -161,24 +183,9 @@ struct ForwardImpl {
                   cuda_detail::forward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
     const int threads = warp_teams ? 256 : kLoopBlockThreads;
     const int teams = warp_teams ? 8 : 1;
-    size_t smem = 0;
-    a.staged = 0;
-    if (!warp_teams) {
-      const size_t stage_bytes = size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
-      if (stage_bytes + kStaticSmemReserve <= info.max_smem_optin) {
-        smem = stage_bytes;
-        a.staged = 1;
-      }
-    }
-    const int occupancy = blocks_per_sm(device, kernel, threads, smem);
-    const int64_t grid =
-        std::min<int64_t>(ceil_div(p.rows, teams), int64_t(info.sm_count) * occupancy);
-    allow_dynamic_smem(kernel, smem);
-    void* args[] = {&a};
-    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                             dim3(threads), args, smem, stream),
-                            "launch of modnorm forward_loop_kernel");
-    check_launch("modnorm forward_loop_kernel");
+    const size_t stage_bytes = warp_teams ? 0 : size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
+    launch_loop_kernel(kernel, a, threads, teams, stage_bytes, p.rows, device, stream,
+                       "modnorm forward_loop_kernel");
   }
 
   static void run(const ForwardPlan& p, void* y, float* rstd, cudaStream_t stream) {
@@ -496,7 +503,6 @@ struct BackwardImpl {
                   float* workspace, cudaStream_t stream) {
     const ForwardPlan& p = bp.fwd;
     const int device = p.device.index;
-    const cuda_detail::DeviceInfo& info = device_info(device);
     const BackwardLayout l = layout(bp);
     float* w_part = l.dweight == GradRoute::kNone ? nullptr : workspace + l.off_w;
     float* s_part = (l.dscale == GradRoute::kFused || l.dscale == GradRoute::kColumn)
@@ -595,24 +601,9 @@ struct BackwardImpl {
                       cuda_detail::backward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
         const int threads = warp_teams ? 256 : kLoopBlockThreads;
         const int teams = warp_teams ? 8 : 1;
-        size_t smem = 0;
-        a.staged = 0;
-        if (!warp_teams) {
-          const size_t stage_bytes = 2 * size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
-          if (stage_bytes + kStaticSmemReserve <= info.max_smem_optin) {
-            smem = stage_bytes;
-            a.staged = 1;
-          }
-        }
-        const int occupancy = blocks_per_sm(device, kernel, threads, smem);
-        const int64_t grid =
-            std::min<int64_t>(ceil_div(p.rows, teams), int64_t(info.sm_count) * occupancy);
-        allow_dynamic_smem(kernel, smem);
-        void* args[] = {&a};
-        cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                                 dim3(threads), args, smem, stream),
-                                "launch of modnorm backward_loop_kernel");
-        check_launch("modnorm backward_loop_kernel");
+        const size_t stage_bytes = warp_teams ? 0 : 2 * size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
+        launch_loop_kernel(kernel, a, threads, teams, stage_bytes, p.rows, device, stream,
+                           "modnorm backward_loop_kernel");
       };
       if (l.vectorized) {
         go(std::integral_constant<int, kVec>{});
