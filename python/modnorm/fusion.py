@@ -314,6 +314,16 @@ def _per_channel(node, D, gm):
     return shape[0] == D if D is not None else shape[0] > 1
 
 
+def _other_operand(node, kind, cur):
+    """The operand of a binary `kind` node that is not `cur` (the value being extended), or None."""
+    if not _is(node, kind):
+        return None
+    ab = _binary(node)
+    if ab is None:
+        return None
+    return ab[1] if ab[0] is cur else ab[0]
+
+
 def _constant_plus(node, user):
     """(c, t) when `node` is c + t (either order, c a number) read only by `user`, else (0, node):
     the offset of a gamma, the scale_offset of a modulation."""
@@ -352,12 +362,9 @@ def _extend(site, gm):
     gamma_nodes = []  # (offset + w) and w.float(): they go with the site
 
     def is_gamma(n):
-        if not _is(n, _MUL):
+        other = _other_operand(n, _MUL, cur)
+        if other is None:
             return False
-        ab = _binary(n)
-        if ab is None:
-            return False
-        other = ab[1] if ab[0] is cur else ab[0]
         offset, w = _constant_plus(other, n)
         extra = [other] if w is not other else []
         if _is_cast(w) and _single_user(w) is not None and _cast_dtype(w) == torch.float32:
@@ -390,12 +397,9 @@ def _extend(site, gm):
 
     def is_scale(n):
         nonlocal scale_other
-        if not _is(n, _MUL):
+        other = _other_operand(n, _MUL, cur)
+        if other is None:
             return False
-        ab = _binary(n)
-        if ab is None:
-            return False
-        other = ab[1] if ab[0] is cur else ab[0]
         if not isinstance(other, fx.Node) or other.op == "get_attr":
             return False  # constants are gammas, handled above
         so, s = _constant_plus(other, n)
@@ -408,12 +412,9 @@ def _extend(site, gm):
             site.nodes.append(scale_other)  # c + scale goes with the site
 
         def is_shift(n):
-            if not _is(n, _ADD):
+            other = _other_operand(n, _ADD, cur)
+            if other is None:
                 return False
-            ab = _binary(n)
-            if ab is None:
-                return False
-            other = ab[1] if ab[0] is cur else ab[0]
             if not isinstance(other, fx.Node) or other is cur:
                 return False
             site.shift = other
