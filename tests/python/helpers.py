@@ -62,9 +62,25 @@ def leaves_of(x, w, proj_leaves):
     return [t for t in [x, w] + list(proj_leaves) if t is not None]
 
 
-def float64_reference(x, w, proj_leaves, kind, shift_given, eps, offset, scale_offset, dy):
-    """Float64 forward and gradients, from detached float64 copies of every leaf."""
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves_of(x, w, proj_leaves)]
+def float64_reference(x, w, proj_leaves, kind, shift_given, eps, offset, scale_offset, dy, magnitudes=False):
+    """Float64 forward and gradients, from detached float64 copies of every leaf.
+
+    With ``magnitudes``, every term of the gradients' sums is replaced by its absolute value (x,
+    offset + w, scale_offset + scale and dy by their absolute values: the gradients are linear in
+    each), which gives the size of the terms a gradient sum cancels down from."""
+    leaves64 = [t.detach().double() for t in leaves_of(x, w, proj_leaves)]
+    if magnitudes:
+        leaves64[0] = leaves64[0].abs()
+        if w is not None:
+            leaves64[1] = (offset + leaves64[1]).abs() - offset
+        i = 2 if w is not None else 1
+        if kind == "chunk":  # scale is chunk 1 of the projection
+            D = x.shape[-1]
+            leaves64[i][..., D : 2 * D] = (scale_offset + leaves64[i][..., D : 2 * D]).abs() - scale_offset
+        else:
+            leaves64[i] = (scale_offset + leaves64[i]).abs() - scale_offset
+        dy = dy.abs()
+    leaves64 = [t.requires_grad_() for t in leaves64]
     x64 = leaves64[0]
     w64 = leaves64[1] if w is not None else None
     mods = leaves64[2 if w is not None else 1 :]
