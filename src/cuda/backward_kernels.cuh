@@ -65,6 +65,9 @@ struct BackwardArgs {
   // m_vec_bytes > 0 (per-token scale rows)].
   int stages = 2, stage_bytes = 0, g_stage_off = 0, m_stage_off = 0, m_vec_bytes = 0;
   int partials_smem = 0;
+  // Pipe kernel: byte offsets in dynamic shared memory of the weight and of the one scale row
+  // every row of the block reads, copied there once per block (-1: read through L1).
+  int cache_w = -1, cache_s = -1;
 };
 
 template <int THREADS>
@@ -262,17 +265,193 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>()
   if (p.dshift_partials != nullptr) flush(acc_h, p.dshift_partials);
 }
 
-// m = scale_offset + scale for one vector: from the ring slot when staged, else through L1.
+// backward_const_kernel: the register kernel for blocks whose rows all read the same scale row
+// (per-sample / per-frame runs grouped per block, one shared row, or no scale) and the same
+// weight, which is most DiT layouts. With m and w constant per column over the block:
+//   dweight partial = m * S,  dscale partial = w * S,  S = sum over the block's rows of
+//   g * weight_factor(xhat)  (llama: round(xhat); none: xhat),
+// so one accumulator per column replaces two (gemma rounds xhat * w, which does not factor: it
+// keeps the register kernel), and m*w is loaded once per block instead of twice
+// per row (ncu, flux: the register kernel issued an instruction every 2 cycles per scheduler at
+// 115 registers and 25% occupancy). Sums are fixed-order as in the register kernel.
+// 128 registers: at 85 (three 256-thread blocks per SM) ptxas spills 450 bytes.
+template <int THREADS>
+constexpr int backward_const_min_blocks() {
+  return THREADS >= 512 ? 1 : 512 / THREADS;
+}
+
+template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS>
+__global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TEAMS>())
+    backward_const_kernel(const __grid_constant__ BackwardArgs p) {
+  static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
+  static_assert(M != CastingMode::kGemma, "gemma's dscale does not factor");
+  using Raw = XRaw<XT, VEC>;
+  __shared__ float red[32];
+  extern __shared__ float team_partials[];  // [TEAMS][dim], only when TEAMS > 1
+  const int team = threadIdx.x / TPR;
+  const int lane = threadIdx.x % TPR;
+
+  const int64_t group = blockIdx.x / p.blocks_per_group;
+  const int64_t sub = blockIdx.x % p.blocks_per_group;
+  const int64_t group_begin = group * p.group_rows;
+  const int64_t group_end = min(group_begin + p.group_rows, p.rows);
+  const int64_t row_begin = min(group_begin + sub * p.rows_per_block, group_end);
+  const int64_t row_end = min(row_begin + p.rows_per_block, group_end);
+  const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row_begin) : 0;
+  const bool want_s = p.dweight_partials != nullptr || p.dscale_partials != nullptr;
+
+  float mw[NV][VEC], acc_s[NV][VEC], acc_h[NV][VEC];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * TPR;
+    float w[VEC], m[VEC];
+    if (v < p.dim_vecs) {
+      load_affine<VEC>(p.weight, p.weight_dtype, p.offset, static_cast<int64_t>(v) * VEC, w);
+      load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset,
+                      scale_idx + static_cast<int64_t>(v) * VEC, m);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      mw[i][e] = v < p.dim_vecs ? m[e] * w[e] : 0.f;
+      acc_s[i][e] = acc_h[i][e] = 0.f;
+    }
+  }
+
+  auto load_row = [&](int64_t row, Raw (&xr)[NV], Raw (&gr)[NV]) {
+    const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
+    // dy is read with plain loads: its memory may be the dx this kernel writes.
+    const Raw* grow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.dy, row * p.dy_row_stride));
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * TPR;
+      if (v < p.dim_vecs) {
+        xr[i] = __ldg(xrow + v);
+        gr[i] = grow[v];
+      }
+    }
+  };
+
+  // The next row's x and dy travel one row ahead in registers.
+  Raw x_next[NV], g_next[NV];
+  float rstd_next = 0.f;
+  if (row_begin + team < row_end) {
+    load_row(row_begin + team, x_next, g_next);
+    rstd_next = p.rstd[row_begin + team];
+  }
+
+  for (int64_t base = row_begin; base < row_end; base += TEAMS) {
+    const int64_t row = base + team;
+    const bool active = row < row_end;
+    Raw xr[NV], gr[NV];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      xr[i] = x_next[i];
+      gr[i] = g_next[i];
+    }
+    const float rstd = rstd_next;
+    if (row + TEAMS < row_end) {
+      load_row(row + TEAMS, x_next, g_next);
+      rstd_next = p.rstd[row + TEAMS];
+    }
+
+    float dot = 0.f;
+    if (active) {
+      const int64_t dshift_row = p.dshift_direct != nullptr ? map_grad_row(p.shift_map, row) : 0;
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (v < p.dim_vecs) {
+          float xf[VEC], gf[VEC];
+          unpack<XT, VEC>(xr[i], xf);
+          unpack<XT, VEC>(gr[i], gf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const float xhat = xf[e] * rstd;
+            dot += gf[e] * mw[i][e] * xhat;
+            if (want_s) acc_s[i][e] += gf[e] * weight_factor<M, XT>(xhat);
+            if (p.dshift_partials != nullptr) acc_h[i][e] += gf[e];
+          }
+          if (p.dshift_direct != nullptr) {
+            store_any<VEC>(p.dshift_direct, p.shift_dtype,
+                           dshift_row * p.dim + static_cast<int64_t>(v) * VEC, gf,
+                           p.dshift_vectorized != 0);
+          }
+        }
+      }
+    }
+    const float c = team_sum<TPR>(dot, red) * p.inv_dim;
+    if (active && p.dx != nullptr) {
+      void* dxrow = elem_ptr<XT>(p.dx, row * static_cast<int64_t>(p.dim));
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (v < p.dim_vecs) {
+          float xf[VEC], gf[VEC], out[VEC];
+          unpack<XT, VEC>(xr[i], xf);
+          unpack<XT, VEC>(gr[i], gf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) out[e] = rstd * (gf[e] * mw[i][e] - xf[e] * rstd * c);
+          store_elems<XT, VEC>(dxrow, static_cast<int64_t>(v) * VEC, out, p.dx_vectorized != 0);
+        }
+      }
+    }
+  }
+
+  // Products with the block's constant m and w, then the fixed-order block partials.
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * TPR;
+    float w[VEC], m[VEC];
+    if (v < p.dim_vecs) {
+      load_affine<VEC>(p.weight, p.weight_dtype, p.offset, static_cast<int64_t>(v) * VEC, w);
+      load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset,
+                      scale_idx + static_cast<int64_t>(v) * VEC, m);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (v < p.dim_vecs) {
+        mw[i][e] = acc_s[i][e] * m[e];  // dweight partial
+        acc_s[i][e] *= w[e];            // dscale partial
+      }
+    }
+  }
+  auto flush = [&](float (&acc)[NV][VEC], float* partials) {
+    write_block_partials<NV, VEC>(acc, partials, p.dim, p.dim_vecs, lane, TPR, team, TEAMS,
+                                  team_partials);
+  };
+  if (p.dweight_partials != nullptr) flush(mw, p.dweight_partials);
+  if (p.dscale_partials != nullptr) flush(acc_s, p.dscale_partials);
+  if (p.dshift_partials != nullptr) flush(acc_h, p.dshift_partials);
+}
+
+// m = scale_offset + scale for one vector: from the ring slot when staged per row, from the
+// block's cached row when shared, else through L1.
 template <int VEC>
-__device__ __forceinline__ void pipe_scale(const BackwardArgs& p, const char* st, int v,
-                                           int64_t scale_idx, float* m) {
-  if (p.m_vec_bytes != 0) {
-    load_plain_any<VEC>(st + p.m_stage_off + v * p.m_vec_bytes, p.scale_dtype, m);
+__device__ __forceinline__ void pipe_scale(const BackwardArgs& p, const char* st,
+                                           const char* cache, int v, int64_t scale_idx, float* m) {
+  if (p.m_vec_bytes != 0 || p.cache_s >= 0) {
+    const char* src = p.m_vec_bytes != 0 ? st + p.m_stage_off + v * p.m_vec_bytes
+                                         : cache + p.cache_s + v * VEC * (p.scale_dtype == kDtF32 ? 4 : 2);
+    load_plain_any<VEC>(src, p.scale_dtype, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
   } else {
     load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset,
                     scale_idx + static_cast<int64_t>(v) * VEC, m);
+  }
+}
+
+// w = offset + weight for one vector, from the block's cached copy or through L1.
+template <int VEC>
+__device__ __forceinline__ void pipe_weight(const BackwardArgs& p, const char* cache, int v,
+                                            float* w) {
+  if (p.cache_w >= 0) {
+    load_plain_any<VEC>(cache + p.cache_w + v * VEC * (p.weight_dtype == kDtF32 ? 4 : 2),
+                        p.weight_dtype, w);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) w[e] += p.offset;
+  } else {
+    load_affine<VEC>(p.weight, p.weight_dtype, p.offset, static_cast<int64_t>(v) * VEC, w);
   }
 }
 
@@ -337,9 +516,24 @@ __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ?
     return (j < iters && row < row_end) ? __ldg(p.rstd + row) : 0.f;
   };
 
+  // The cached weight / scale row: one cp.async group ahead of the ring's, so the ring's first
+  // wait also covers it; the barrier publishes other threads' copies.
+  const char* cache = bwd_pipe_mem;
+  const bool cached = p.cache_w >= 0 || p.cache_s >= 0;
+  if (cached) {
+    cache_operand<XT, VEC>(bwd_pipe_mem, p.cache_w, p.weight, p.weight_dtype, 0, p.dim_vecs);
+    cache_operand<XT, VEC>(bwd_pipe_mem, p.cache_s, p.scale, p.scale_dtype,
+                           p.cache_s >= 0 ? map_offset(p.scale_map, row_begin) : 0, p.dim_vecs);
+    cp_async_commit();
+  }
+
   // rstd travels 4 rows ahead in registers.
   float rs0 = load_rstd(0), rs1 = load_rstd(1), rs2 = load_rstd(2), rs3 = load_rstd(3);
   for (int s = 0; s < p.stages - 1; ++s) issue(s, s);
+  if (cached) {
+    cp_async_wait_ring(p.stages);  // all but the ring's stages - 1 groups: the cache is in
+    __syncthreads();
+  }
   int slot = 0;
   int fill = p.stages - 1;
   for (int64_t j = 0; j < iters; ++j) {
@@ -357,7 +551,9 @@ __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ?
     float dot = 0.f;
     int64_t scale_idx = 0;
     if (active) {
-      scale_idx = (p.scale != nullptr && p.m_vec_bytes == 0) ? map_offset(p.scale_map, row) : 0;
+      scale_idx = (p.scale != nullptr && p.m_vec_bytes == 0 && p.cache_s < 0)
+                      ? map_offset(p.scale_map, row)
+                      : 0;
       const int64_t dscale_row = p.dscale_direct != nullptr ? map_grad_row(p.scale_map, row) : 0;
       const int64_t dshift_row = p.dshift_direct != nullptr ? map_grad_row(p.shift_map, row) : 0;
 #pragma unroll
@@ -370,8 +566,8 @@ __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ?
           unpack<XT, VEC>(xr[i], xf);
           unpack<XT, VEC>(gr[i], gf);
           const int64_t col = static_cast<int64_t>(v) * VEC;
-          load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-          pipe_scale<VEC>(p, st, v, scale_idx, m);
+          pipe_weight<VEC>(p, cache, v, w);
+          pipe_scale<VEC>(p, st, cache, v, scale_idx, m);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const float xhat = xf[e] * rstd;
@@ -404,8 +600,8 @@ __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ?
           unpack<XT, VEC>(xr[i], xf);
           unpack<XT, VEC>(gr[i], gf);
           const int64_t col = static_cast<int64_t>(v) * VEC;
-          load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-          pipe_scale<VEC>(p, st, v, scale_idx, m);
+          pipe_weight<VEC>(p, cache, v, w);
+          pipe_scale<VEC>(p, st, cache, v, scale_idx, m);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) out[e] = rstd * (gf[e] * m[e] * w[e] - xf[e] * rstd * c);
           store_elems<XT, VEC>(dxrow, col, out, p.dx_vectorized != 0);

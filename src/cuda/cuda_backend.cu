@@ -1,8 +1,6 @@
-// CUDA backend: launch planning for the forward and backward kernels.
+// CUDA backend: launch planning for the backward kernels (forward_launch.cu has the forward).
 //
 // Paths, chosen from the plan alone:
-//   forward:  rows held in registers (forward_reg_kernel) up to 4096 16-byte vectors per row,
-//             otherwise forward_loop_kernel (long rows, or layouts without 16-byte alignment).
 //   backward: up to 1024 16-byte vectors per row, backward_reg_kernel, or backward_pipe_kernel
 //             (rows streamed through a cp.async ring) for per-token scale and short rows, computing
 //             dx, dweight partials, per-row dscale/dshift, and fused partials for shared blocked
@@ -13,82 +11,18 @@
 // reproducible, with no atomics.
 #include <climits>
 
-#include "../backend.h"
+#include <cstdlib>
+#include <string>
+
 #include "backward_kernels.cuh"
-#include "host_utils.h"
+#include "launch_common.h"
 
 namespace modnorm::detail {
 namespace {
 
 using cuda_detail::BackwardArgs;
 using cuda_detail::ColumnArgs;
-using cuda_detail::DevMap;
-using cuda_detail::ForwardArgs;
-using cuda_detail::XRaw;
-using cuda_detail::ceil_div;
-using cuda_detail::check_launch;
-using cuda_detail::device_info;
-using cuda_detail::blocks_per_sm;
-using cuda_detail::allow_dynamic_smem;
-using cuda_detail::elem_bytes;
 
-
-template <int NV, int TPR, int TEAMS>
-struct Config {
-  static constexpr int kNV = NV;
-  static constexpr int kTPR = TPR;
-  static constexpr int kTeams = TEAMS;
-  static constexpr int kThreads = TPR * TEAMS;
-};
-
-template <DType XT>
-constexpr int vector_width() {
-  return 16 / elem_bytes<XT>();
-}
-
-DevMap to_dev_map(const RowMap& m) {
-  DevMap d;
-  d.ndim = m.ndim;
-  for (int i = 0; i < m.ndim; ++i) {
-    d.size[i] = m.size[i];
-    d.stride[i] = m.stride[i];
-    d.grad_stride[i] = m.grad_stride[i];
-  }
-  d.rows_per_distinct = m.rows_per_distinct > 0 ? m.rows_per_distinct : 1;
-  d.distinct_rows = m.distinct_rows;
-  d.blocked = m.blocked ? 1 : 0;
-  d.block_stride = m.block_stride;
-  d.block_grad_stride = (m.blocked && m.ndim > 0) ? m.grad_stride[0] : 0;
-  return d;
-}
-
-int dtype_int(DType t) { return static_cast<int>(t); }
-
-void require_int_dim(int64_t dim) {
-  if (dim > INT_MAX / 2) {
-    throw Error(Error::Kind::kValue, "modnorm CUDA backend: last dim " + std::to_string(dim) +
-                                         " is too large");
-  }
-}
-
-// Rows whose x (and dy) rows, weight and modulation all allow 16-byte vectors of x's dtype.
-bool rows_vectorizable(const ForwardPlan& p, int vec, const void* dy, int64_t dy_row_stride) {
-  const int64_t es = static_cast<int64_t>(dtype_size(p.x_dtype));
-  if (p.dim % vec != 0) return false;
-  if (!cuda_detail::aligned_to(p.x, 16) || (p.rows > 1 && (p.x_row_stride * es) % 16 != 0)) {
-    return false;
-  }
-  if (dy != nullptr &&
-      (!cuda_detail::aligned_to(dy, 16) || (p.rows > 1 && (dy_row_stride * es) % 16 != 0))) {
-    return false;
-  }
-  return cuda_detail::operand_vectorizable(p.weight, vec, nullptr) &&
-         cuda_detail::operand_vectorizable(p.scale, vec, &p.scale_map) &&
-         cuda_detail::operand_vectorizable(p.shift, vec, &p.shift_map);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward
 
 // Pipe kernel shapes: NV vectors per thread, TPR lanes per team (0: one team = the block).
 template <int NV, int TPR>
@@ -97,28 +31,10 @@ struct Pipe {
   static constexpr int kTPR = TPR;
 };
 
-int round_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b * b); }
-
 // Threads of a pipe kernel's block for a row of dim_vecs vectors.
 int pipe_threads(int dim_vecs, int nv, int tpr) {
   return tpr > 0 ? cuda_detail::kTeamBlockThreads
                  : round_up(std::max<int64_t>(1, ceil_div(dim_vecs, nv)), 32);
-}
-
-// Register-resident configurations by row length in vectors: small rows get warp (or half-warp)
-// teams, several rows per block; larger rows one block each, 2-4 vectors per thread in flight.
-template <int VEC, typename F>
-bool visit_forward_config(int dim_vecs, F&& f) {
-  if (dim_vecs <= 16) return f(Config<1, 16, 16>{}), true;
-  if (dim_vecs <= 32) return f(Config<1, 32, 8>{}), true;
-  if (dim_vecs <= 64) return f(Config<2, 32, 8>{}), true;
-  if (dim_vecs <= 128) return f(Config<4, 32, 8>{}), true;
-  if (dim_vecs <= 256) return f(Config<2, 128, 1>{}), true;
-  if (dim_vecs <= 512) return f(Config<4, 128, 1>{}), true;
-  if (dim_vecs <= 1024) return f(Config<4, 256, 1>{}), true;
-  if (dim_vecs <= 2048) return f(Config<4, 512, 1>{}), true;
-  if (dim_vecs <= 4096) return f(Config<4, 1024, 1>{}), true;
-  return false;
 }
 
 // Ring depth from the bytes of one stage of the whole block: 2 to 4 stages within `budget`.
@@ -127,96 +43,6 @@ int ring_stages(int64_t block_stage_bytes, int64_t budget) {
 }
 
 constexpr int64_t kBackwardRingBudget = 64 * 1024;
-
-constexpr int kLoopBlockThreads = 512;
-constexpr int kSmallLoopDim = 1024;  // unvectorized rows up to this use warp teams
-constexpr size_t kStaticSmemReserve = 1024;
-
-// Launches a loop kernel (forward or backward): as many blocks as fit at once, each walking rows;
-// the row is staged in dynamic shared memory when `stage_bytes` (0: never) fits beside the
-// static reservation.
-template <typename Args>
-void launch_loop_kernel(const void* kernel, Args& a, int threads, int teams, size_t stage_bytes,
-                        int64_t rows, int device, cudaStream_t stream, const char* name) {
-  const cuda_detail::DeviceInfo& info = device_info(device);
-  size_t smem = 0;
-  a.staged = 0;
-  if (stage_bytes > 0 && stage_bytes + kStaticSmemReserve <= info.max_smem_optin) {
-    smem = stage_bytes;
-    a.staged = 1;
-  }
-  const int occupancy = blocks_per_sm(device, kernel, threads, smem);
-  const int64_t grid = std::min<int64_t>(ceil_div(rows, teams), int64_t(info.sm_count) * occupancy);
-  allow_dynamic_smem(kernel, smem);
-  void* args[] = {&a};
-  cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(threads),
-                                           args, smem, stream),
-                          name);
-  check_launch(name);
-}
-
-template <DType XT, CastingMode M>
-struct ForwardImpl {
-  template <int VEC>
-  static void launch(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream, int device) {
-    a.dim_vecs = static_cast<int>(p.dim / VEC);
-    a.y_vectorized = cuda_detail::output_vectorizable(a.y, p.x_dtype, VEC) ? 1 : 0;
-    if constexpr (VEC > 1) {
-      const bool done = visit_forward_config<VEC>(a.dim_vecs, [&](auto config) {
-        using C = decltype(config);
-        auto kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams>;
-        // A block per row group: short blocks retire and are replaced while others still
-        // wait on memory (measured faster than a persistent grid here). The kernel strides
-        // over rows, so the launch limit is the only cap.
-        const int64_t grid = std::min<int64_t>(ceil_div(p.rows, C::kTeams), INT_MAX);
-        kernel<<<static_cast<unsigned>(grid), C::kThreads, 0, stream>>>(a);
-        check_launch("modnorm forward_reg_kernel");
-      });
-      if (done) return;
-    }
-    // Unvectorized short rows: warp teams. Everything else: one 512-thread block per row.
-    const bool warp_teams = VEC == 1 && p.dim <= kSmallLoopDim;
-    const void* kernel =
-        warp_teams
-            ? reinterpret_cast<const void*>(cuda_detail::forward_loop_kernel<XT, M, 1, 32, 8>)
-            : reinterpret_cast<const void*>(
-                  cuda_detail::forward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
-    const int threads = warp_teams ? 256 : kLoopBlockThreads;
-    const int teams = warp_teams ? 8 : 1;
-    const size_t stage_bytes = warp_teams ? 0 : size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
-    launch_loop_kernel(kernel, a, threads, teams, stage_bytes, p.rows, device, stream,
-                       "modnorm forward_loop_kernel");
-  }
-
-  static void run(const ForwardPlan& p, void* y, float* rstd, cudaStream_t stream) {
-    require_int_dim(p.dim);
-    ForwardArgs a;
-    a.x = p.x;
-    a.y = y;
-    a.rstd = rstd;
-    a.rows = p.rows;
-    a.x_row_stride = p.x_row_stride;
-    a.dim = static_cast<int>(p.dim);
-    a.weight = p.weight.present() ? p.weight.data : nullptr;
-    a.scale = p.scale.present() ? p.scale.data : nullptr;
-    a.shift = p.shift.present() ? p.shift.data : nullptr;
-    a.weight_dtype = dtype_int(p.weight.dtype);
-    a.scale_dtype = dtype_int(p.scale.dtype);
-    a.shift_dtype = dtype_int(p.shift.dtype);
-    a.eps = p.eps;
-    a.offset = p.offset;
-    a.scale_offset = p.scale_offset;
-    a.inv_dim = 1.f / static_cast<float>(p.dim);
-    a.scale_map = to_dev_map(p.scale_map);
-    a.shift_map = to_dev_map(p.shift_map);
-    constexpr int kVec = vector_width<XT>();
-    if (rows_vectorizable(p, kVec, nullptr, 0)) {
-      launch<kVec>(p, a, stream, p.device.index);
-    } else {
-      launch<1>(p, a, stream, p.device.index);
-    }
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Backward
@@ -265,6 +91,8 @@ struct BackwardLayout {
   size_t reg_smem = 0;
   bool pipe = false;  // backward_pipe_kernel, else backward_reg_kernel
   int stages = 2, stage_bytes = 0, m_stage_off = 0, m_vec_bytes = 0, partials_smem = 0;
+  int cache_w = -1, cache_s = -1;  // pipe kernel: weight / shared scale row in shared memory
+  bool const_mod = false;           // backward_const_kernel instead of backward_reg_kernel
   int64_t blocks = 0, groups = 1, group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   GradRoute dweight = GradRoute::kNone, dscale = GradRoute::kNone, dshift = GradRoute::kNone;
   bool shift_with_scale = false;  // one column pass computes both
@@ -325,7 +153,14 @@ struct BackwardImpl {
       // through its ring, and short rows (warp teams); elsewhere the register kernel, whose
       // weight/shared-modulation re-reads through L1 ran faster than the pipe's.
       const bool stage_m = p.scale.present() && p.scale_map.rows_per_distinct == 1;
-      if (stage_m || dv <= 32) {
+      // Experiment switch (performance log): MODNORM_BACKWARD_KERNEL=pipe takes the pipe kernel
+      // for every row length it has a shape for.
+      static const std::string forced = [] {
+        const char* v = std::getenv("MODNORM_BACKWARD_KERNEL");
+        return std::string(v != nullptr ? v : "");
+      }();
+      const bool force_pipe = forced == "pipe";
+      if (stage_m || dv <= 32 || force_pipe) {
         visit_backward_pipe(dv, [&](auto shape) {
           using S = decltype(shape);
           const int threads = pipe_threads(dv, S::kNV, S::kTPR);
@@ -335,8 +170,21 @@ struct BackwardImpl {
           const int64_t stage_bytes = round_up(int64_t(m_off) + int64_t(dv) * m_vec_bytes, 16);
           const int partials_smem = teams > 1 ? round_up(int64_t(teams) * p.dim * 4, 16) : 0;
           const int stages = ring_stages(teams * stage_bytes, kBackwardRingBudget);
-          const size_t smem = size_t(partials_smem) + size_t(teams) * stages * stage_bytes;
+          size_t smem = size_t(partials_smem) + size_t(teams) * stages * stage_bytes;
+          // The weight and a scale row shared by runs of rows sit in shared memory, copied
+          // once per block, instead of coming back through L1 for every row.
+          int cache_w = -1, cache_s = -1;
+          if (p.weight.present()) {
+            cache_w = static_cast<int>(smem);
+            smem += round_up(int64_t(dv) * kVec * dtype_size(p.weight.dtype), 16);
+          }
+          if (p.scale.present() && !stage_m && p.scale_map.blocked) {
+            cache_s = static_cast<int>(smem);
+            smem += round_up(int64_t(dv) * kVec * dtype_size(p.scale.dtype), 16);
+          }
           if (smem + kStaticSmemReserve > info.max_smem_optin) return;
+          l.cache_w = cache_w;
+          l.cache_s = cache_s;
           kernel = reinterpret_cast<const void*>(
               cuda_detail::backward_pipe_kernel<XT, M, kVec, S::kNV, S::kTPR>);
           l.threads = threads;
@@ -351,11 +199,23 @@ struct BackwardImpl {
           l.pipe = true;
         });
       }
+      // Rows of a block that read one scale row (checked again once blocks are grouped) take
+      // backward_const_kernel; MODNORM_BACKWARD_KERNEL=reg turns it off for comparisons.
+      const bool const_candidate =
+          M != CastingMode::kGemma && forced != "reg" &&
+          (!p.scale.present() || (p.scale_map.blocked && p.scale_map.rows_per_distinct > 1));
       if (!l.reg_path) {
         l.reg_path = visit_backward_config<kVec>(dv, [&](auto config) {
           using C = decltype(config);
           kernel = reinterpret_cast<const void*>(
               cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>);
+          if constexpr (M != CastingMode::kGemma) {
+            if (const_candidate) {
+              kernel = reinterpret_cast<const void*>(
+                  cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>);
+              l.const_mod = true;
+            }
+          }
           l.threads = C::kThreads;
           l.teams = C::kTeams;
           l.reg_smem = C::kTeams > 1 ? size_t(C::kTeams) * p.dim * sizeof(float) : 0;
@@ -412,6 +272,15 @@ struct BackwardImpl {
       }
       if (l.blocks > INT_MAX) {
         throw Error(Error::Kind::kValue, "modnorm CUDA backend: too many row groups");
+      }
+      // A cached (pipe) or constant (const kernel) scale row must serve every row of a block:
+      // one row for all, or blocks grouped by the scale's runs.
+      const bool one_scale_row_per_block =
+          !p.scale.present() || p.scale_map.rows_per_distinct == p.rows ||
+          l.group_rows == p.scale_map.rows_per_distinct;
+      if (!one_scale_row_per_block) {
+        l.cache_s = -1;
+        l.const_mod = false;
       }
     }
 
@@ -573,6 +442,8 @@ struct BackwardImpl {
         a.m_stage_off = l.m_stage_off;
         a.m_vec_bytes = l.m_vec_bytes;
         a.partials_smem = l.partials_smem;
+        a.cache_w = l.pipe ? l.cache_w : -1;
+        a.cache_s = l.pipe ? l.cache_s : -1;
         if (l.pipe) {
           visit_backward_pipe(a.dim_vecs, [&](auto shape) {
             using S = decltype(shape);
@@ -584,6 +455,15 @@ struct BackwardImpl {
         } else {
           visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
             using C = decltype(config);
+            if constexpr (M != CastingMode::kGemma) {
+              if (l.const_mod) {
+                auto kernel =
+                    cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
+                kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
+                check_launch("modnorm backward_const_kernel");
+                return;
+              }
+            }
             auto kernel = cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
             kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
             check_launch("modnorm backward_reg_kernel");
@@ -632,29 +512,6 @@ struct BackwardImpl {
   }
 };
 
-template <template <DType, CastingMode> class Impl, typename F>
-decltype(auto) dispatch(DType x_dtype, CastingMode mode, F&& f) {
-  // float32 x never rounds, so one casting mode serves all three.
-  switch (x_dtype) {
-    case DType::kFloat32: return f(Impl<DType::kFloat32, CastingMode::kNone>{});
-    case DType::kFloat16:
-      switch (mode) {
-        case CastingMode::kLlama: return f(Impl<DType::kFloat16, CastingMode::kLlama>{});
-        case CastingMode::kGemma: return f(Impl<DType::kFloat16, CastingMode::kGemma>{});
-        case CastingMode::kNone: return f(Impl<DType::kFloat16, CastingMode::kNone>{});
-      }
-      break;
-    case DType::kBFloat16:
-      switch (mode) {
-        case CastingMode::kLlama: return f(Impl<DType::kBFloat16, CastingMode::kLlama>{});
-        case CastingMode::kGemma: return f(Impl<DType::kBFloat16, CastingMode::kGemma>{});
-        case CastingMode::kNone: return f(Impl<DType::kBFloat16, CastingMode::kNone>{});
-      }
-      break;
-  }
-  throw Error(Error::Kind::kType, "modnorm CUDA backend: unsupported dtype or casting mode");
-}
-
 void zero_fill(void* out, DType dtype, int64_t elements, cudaStream_t stream) {
   if (out == nullptr || elements <= 0) return;
   cuda_detail::check_cuda(cudaMemsetAsync(out, 0, size_t(elements) * dtype_size(dtype), stream),
@@ -662,14 +519,6 @@ void zero_fill(void* out, DType dtype, int64_t elements, cudaStream_t stream) {
 }
 
 }  // namespace
-
-void cuda_forward(const ForwardPlan& plan, void* y, float* rstd, void* stream) {
-  if (plan.empty()) return;
-  cuda_detail::DeviceGuard guard(plan.device.index);
-  dispatch<ForwardImpl>(plan.x_dtype, plan.casting_mode, [&](auto impl) {
-    decltype(impl)::run(plan, y, rstd, static_cast<cudaStream_t>(stream));
-  });
-}
 
 size_t cuda_backward_workspace_bytes(const BackwardPlan& plan) {
   if (plan.fwd.empty()) return 0;

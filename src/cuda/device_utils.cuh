@@ -336,6 +336,21 @@ __device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_u32(dst)), "l"(src)
                : "memory");
 }
+// 16 bytes through L1 (.ca): for weight and shared modulation rows that other rows on this SM
+// read too.
+__device__ __forceinline__ void cp_async_16_ca(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src)
+               : "memory");
+}
+// 8, 16 or 32 bytes of a weight/modulation vector through L1, aligned to min(16, bytes).
+__device__ __forceinline__ void cp_async_vec_ca(char* dst, const char* src, int bytes) {
+  if (bytes == 8) {
+    cp_async_8(dst, src);
+  } else {
+    cp_async_16_ca(dst, src);
+    if (bytes == 32) cp_async_16_ca(dst + 16, src + 16);
+  }
+}
 // 8, 16 or 32 bytes (one vector of a modulation operand), aligned to min(16, bytes).
 __device__ __forceinline__ void cp_async_vec(char* dst, const char* src, int bytes) {
   if (bytes == 8) {

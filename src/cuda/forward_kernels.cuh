@@ -30,6 +30,15 @@ struct ForwardArgs {
   int staged = 0;
   float eps = 0.f, offset = 0.f, scale_offset = 1.f, inv_dim = 1.f;
   DevMap scale_map, shift_map;
+  // forward_rows_kernel: block b owns a tile of tile_rows consecutive rows. With run_rows > 0
+  // every run of run_rows rows reads one scale row and one shift row, tiles never cross a run
+  // (tiles_per_run tiles each) and the block caches those rows; otherwise tiles cover all rows.
+  int64_t tile_rows = 0, run_rows = 0, tiles_per_run = 1;
+  // Byte offsets of the cached weight / scale / shift rows in dynamic shared memory (-1: none).
+  int cache_w = -1, cache_s = -1, cache_h = -1;
+  // forward_reg_kernel: byte offsets of per-token scale / shift vectors in each team's
+  // prefetch slots of pre_slot_bytes (-1: read through L1 after the row sum).
+  int pre_s = -1, pre_h = -1, pre_slot_bytes = 0;
 };
 
 // w = offset + weight (1 without weight), m = scale_offset + scale (1), h = shift (0).
@@ -89,13 +98,62 @@ __device__ __forceinline__ void forward_vector(const ForwardArgs& p, const XRaw<
 constexpr int kTeamBlockThreads = 256;  // backward pipe kernel with warp teams
 
 // Blocks per SM the register budget must allow. Rows of 1-2 vectors per thread fit in 40
-// registers, and 12 resident 128-thread blocks instead of 9 keep more rows' loads in flight
-// (ncu on ltx2b-t2v: 54 registers capped occupancy at 56%); 4 vectors per thread need more
-// registers than that without spilling, so they keep 8 blocks of 128 threads.
+// registers (ptxas spills 32 bytes), and 12 resident 128-thread blocks instead of 9 keep more
+// rows' loads in flight (ncu on ltx2b-t2v: 54 registers capped occupancy at 56%); 4 vectors per
+// thread need more registers than that without spilling, so they keep 8 blocks of 128 threads.
 template <int THREADS, int NV>
 constexpr int forward_min_blocks() {
   constexpr int resident_threads = NV <= 2 ? 1536 : 1024;
   return THREADS >= resident_threads ? 1 : resident_threads / THREADS;
+}
+
+// One vector of y from one vector of x, with scale/shift from the thread's own shared-memory
+// slots where the kernel prefetched them (slot offset >= 0), else (and the weight) through L1.
+template <DType XT, CastingMode M, int VEC>
+__device__ __forceinline__ void forward_vector_slots(const ForwardArgs& p, const char* slots,
+                                                     const XRaw<XT, VEC>& xraw, float rstd, int v,
+                                                     int64_t scale_idx, int64_t shift_idx,
+                                                     void* yrow) {
+  float xf[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
+  unpack<XT, VEC>(xraw, xf);
+  const int64_t col = static_cast<int64_t>(v) * VEC;
+  load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  if (p.pre_s >= 0) {
+    load_plain_any<VEC>(slots + p.pre_s + v * VEC * (p.scale_dtype == kDtF32 ? 4 : 2),
+                        p.scale_dtype, m);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
+  } else {
+    load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+  }
+  if (p.pre_h >= 0) {
+    load_plain_any<VEC>(slots + p.pre_h + v * VEC * (p.shift_dtype == kDtF32 ? 4 : 2),
+                        p.shift_dtype, h);
+  } else {
+    load_shift<VEC>(p.shift, p.shift_dtype, shift_idx + col, h);
+  }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) out[e] = norm_value<M, XT>(xf[e] * rstd, w[e]) * m[e] + h[e];
+  store_elems<XT, VEC>(yrow, col, out, p.y_vectorized != 0);
+}
+
+// Copies this thread's vectors of one weight/modulation row (present when slot_off >= 0) into
+// its own slots: no other thread reads them, so only the thread's own wait is needed.
+template <int NV>
+__device__ __forceinline__ void prefetch_operand(char* slots, int slot_off, const void* src,
+                                                 int dtype, int64_t elem_idx, int lane, int tpr,
+                                                 int dim_vecs, int vec) {
+  if (slot_off < 0) return;
+  const int vec_bytes = vec * (dtype == kDtF32 ? 4 : 2);
+  const char* from = static_cast<const char*>(src) + elem_idx * (dtype == kDtF32 ? 4 : 2);
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * tpr;
+    if (v < dim_vecs) {
+      cp_async_vec_ca(slots + slot_off + v * vec_bytes, from + static_cast<int64_t>(v) * vec_bytes,
+                      vec_bytes);
+    }
+  }
 }
 
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS>
@@ -104,13 +162,20 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[32];
+  // Per-team slots for the row's per-token scale/shift vectors (pre_slot_bytes each), filled by
+  // cp.async right after the x loads so that, after the row sum, they are already on chip.
+  extern __shared__ __align__(16) char fwd_slots[];
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
+  char* slots = fwd_slots + team * p.pre_slot_bytes;
+  const bool prefetch = p.pre_s >= 0 || p.pre_h >= 0;
   // The loop bound is uniform over the block, so every lane reaches every team_sum.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * TEAMS; base < p.rows;
        base += static_cast<int64_t>(gridDim.x) * TEAMS) {
     const int64_t row = base + team;
     const bool active = row < p.rows;
+    // x first: nothing may delay the row's main stream (computing the modulation offsets
+    // before these loads cost 5-7 points on shared-modulation rows, v0.4 log).
     const Raw* xrow =
         reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, active ? row * p.x_row_stride : 0));
     Raw xr[NV];
@@ -118,6 +183,13 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV
     for (int i = 0; i < NV; ++i) {
       const int v = lane + i * TPR;
       if (active && v < p.dim_vecs) xr[i] = __ldg(xrow + v);
+    }
+    const int64_t scale_idx = (active && p.scale != nullptr) ? map_offset(p.scale_map, row) : 0;
+    const int64_t shift_idx = (active && p.shift != nullptr) ? map_offset(p.shift_map, row) : 0;
+    if (prefetch && active) {
+      prefetch_operand<NV>(slots, p.pre_s, p.scale, p.scale_dtype, scale_idx, lane, TPR, p.dim_vecs, VEC);
+      prefetch_operand<NV>(slots, p.pre_h, p.shift, p.shift_dtype, shift_idx, lane, TPR, p.dim_vecs, VEC);
+      cp_async_commit();
     }
     float ss = 0.f;
 #pragma unroll
@@ -134,13 +206,14 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV
     if (!active) continue;
     const float rstd = 1.f / sqrtf(ss * p.inv_dim + p.eps);
     if (lane == 0) p.rstd[row] = rstd;
-    const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row) : 0;
-    const int64_t shift_idx = p.shift != nullptr ? map_offset(p.shift_map, row) : 0;
+    if (prefetch) cp_async_wait<0>();
     void* yrow = elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim));
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int v = lane + i * TPR;
-      if (v < p.dim_vecs) forward_vector<XT, M, VEC>(p, xr[i], rstd, v, scale_idx, shift_idx, yrow);
+      if (v < p.dim_vecs) {
+        forward_vector_slots<XT, M, VEC>(p, slots, xr[i], rstd, v, scale_idx, shift_idx, yrow);
+      }
     }
   }
 }
@@ -183,6 +256,161 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, 4>
     for (int v = lane; v < p.dim_vecs; v += TPR) {
       const Raw raw = staged ? stage[v] : __ldg(xrow + v);
       forward_vector<XT, M, VEC>(p, raw, rstd, v, scale_idx, shift_idx, yrow);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward_rows_kernel (rows up to 128 vectors): teams of TPR <= 32 lanes, so a row's sum is a few
+// shuffles and no block barrier; 4 vectors of x per lane, so each thread has 64 bytes of loads in
+// flight however short the row. (Warp teams with 6-24 vectors per lane for longer rows measured
+// 10-45 points below block-wide teams: performance log v0.4.) A block owns a tile of consecutive rows. The weight, and the scale/shift
+// rows when the whole tile reads the same ones, are copied once per block into shared memory in
+// their own dtype by cp.async, issued together with the first rows' x loads: a row then waits on
+// one memory latency (x) instead of x and, after its sum, the weight/modulation through L1/L2.
+// PRE: per-token modulation of x's dtype whose rows are loaded into registers with x's.
+// Blocks of 256 threads; register budget 64 (128 with the modulation rows in registers too):
+// left alone, ptxas takes 70-100 to hoist the weight/modulation loads.
+__host__ __device__ constexpr int rows_block_threads(int nv) { return nv > 0 ? 256 : 256; }
+__host__ __device__ constexpr int rows_min_blocks(int nv, bool pre) { return nv > 4 ? 2 : (pre ? 2 : 4); }
+
+template <DType XT, int VEC>
+__device__ __forceinline__ void cache_operand(char* cache, int cache_off, const void* src,
+                                              int dtype, int64_t elem_idx, int dim_vecs) {
+  if (cache_off < 0) return;
+  const int es = dtype == kDtF32 ? 4 : 2;
+  const int vec_bytes = VEC * es;
+  const char* from = static_cast<const char*>(src) + elem_idx * es;
+  for (int v = threadIdx.x; v < dim_vecs; v += blockDim.x) {
+    cp_async_vec(cache + cache_off + v * vec_bytes, from + static_cast<int64_t>(v) * vec_bytes,
+                 vec_bytes);
+  }
+}
+
+template <DType XT, CastingMode M, int VEC, int NV, int TPR, bool PRE>
+__global__ void __launch_bounds__(rows_block_threads(NV), rows_min_blocks(NV, PRE))
+    forward_rows_kernel(const __grid_constant__ ForwardArgs p) {
+  static_assert(TPR <= 32, "teams are at most one warp");
+  using Raw = XRaw<XT, VEC>;
+  static_assert(sizeof(Raw) >= 8 || VEC == 1, "vector rows");
+  constexpr int kTeams = rows_block_threads(NV) / TPR;
+  extern __shared__ __align__(16) char fwd_cache[];
+  const int team = threadIdx.x / TPR;
+  const int lane = threadIdx.x % TPR;
+
+  int64_t begin, end;
+  if (p.run_rows > 0) {
+    const int64_t run = blockIdx.x / p.tiles_per_run;
+    const int64_t run_begin = run * p.run_rows;
+    begin = run_begin + (blockIdx.x - run * p.tiles_per_run) * p.tile_rows;
+    end = min(begin + p.tile_rows, run_begin + p.run_rows);
+  } else {
+    begin = static_cast<int64_t>(blockIdx.x) * p.tile_rows;
+    end = min(begin + p.tile_rows, p.rows);
+  }
+
+  // Cached rows: the tile's first row stands for all of them (same run).
+  const int64_t tile_scale_idx = p.cache_s >= 0 ? map_offset(p.scale_map, begin) : 0;
+  const int64_t tile_shift_idx = p.cache_h >= 0 ? map_offset(p.shift_map, begin) : 0;
+  cache_operand<XT, VEC>(fwd_cache, p.cache_w, p.weight, p.weight_dtype, 0, p.dim_vecs);
+  cache_operand<XT, VEC>(fwd_cache, p.cache_s, p.scale, p.scale_dtype, tile_scale_idx, p.dim_vecs);
+  cache_operand<XT, VEC>(fwd_cache, p.cache_h, p.shift, p.shift_dtype, tile_shift_idx, p.dim_vecs);
+  cp_async_commit();
+  bool cache_pending = p.cache_w >= 0 || p.cache_s >= 0 || p.cache_h >= 0;
+  const int w_bytes = VEC * (p.weight_dtype == kDtF32 ? 4 : 2);
+  const int s_bytes = VEC * (p.scale_dtype == kDtF32 ? 4 : 2);
+  const int h_bytes = VEC * (p.shift_dtype == kDtF32 ? 4 : 2);
+
+  // Iterations are uniform over the block: every lane reaches every shuffle and the barrier.
+  for (int64_t base = begin; base < end; base += kTeams) {
+    const int64_t row = base + team;
+    const bool active = row < end;
+    const Raw* xrow =
+        reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, active ? row * p.x_row_stride : 0));
+    Raw xr[NV];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * TPR;
+      if (active && v < p.dim_vecs) xr[i] = __ldg(xrow + v);
+    }
+    int64_t scale_idx = tile_scale_idx, shift_idx = tile_shift_idx;
+    if (p.cache_s < 0 && p.scale != nullptr && active) scale_idx = map_offset(p.scale_map, row);
+    if (p.cache_h < 0 && p.shift != nullptr && active) shift_idx = map_offset(p.shift_map, row);
+    Raw sr[PRE ? NV : 1], hr[PRE ? NV : 1];
+    if constexpr (PRE) {
+      const Raw* srow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.scale, scale_idx));
+      const Raw* hrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.shift, shift_idx));
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (active && v < p.dim_vecs) {
+          if (p.scale != nullptr) sr[i] = __ldg(srow + v);
+          if (p.shift != nullptr) hr[i] = __ldg(hrow + v);
+        }
+      }
+    }
+    if (cache_pending) {
+      cp_async_wait<0>();
+      __syncthreads();
+      cache_pending = false;
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * TPR;
+      if (active && v < p.dim_vecs) {
+        float f[VEC];
+        unpack<XT, VEC>(xr[i], f);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
+      }
+    }
+    ss = team_sum<TPR>(ss, nullptr);
+    if (!active) continue;
+    const float rstd = 1.f / sqrtf(ss * p.inv_dim + p.eps);
+    if (lane == 0) p.rstd[row] = rstd;
+    void* yrow = elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim));
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * TPR;
+      if (v >= p.dim_vecs) continue;
+      const int64_t col = static_cast<int64_t>(v) * VEC;
+      float xf[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
+      unpack<XT, VEC>(xr[i], xf);
+      if (p.cache_w >= 0) {
+        load_plain_any<VEC>(fwd_cache + p.cache_w + v * w_bytes, p.weight_dtype, w);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) w[e] += p.offset;
+      } else {
+        load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+      }
+      if (p.scale == nullptr) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) m[e] = 1.f;
+      } else {
+        if constexpr (PRE) {
+          unpack<XT, VEC>(sr[i], m);
+        } else if (p.cache_s >= 0) {
+          load_plain_any<VEC>(fwd_cache + p.cache_s + v * s_bytes, p.scale_dtype, m);
+        } else {
+          load_any<VEC>(p.scale, p.scale_dtype, scale_idx + col, m);
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
+      }
+      if (p.shift == nullptr) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) h[e] = 0.f;
+      } else if constexpr (PRE) {
+        unpack<XT, VEC>(hr[i], h);
+      } else if (p.cache_h >= 0) {
+        load_plain_any<VEC>(fwd_cache + p.cache_h + v * h_bytes, p.shift_dtype, h);
+      } else {
+        load_any<VEC>(p.shift, p.shift_dtype, shift_idx + col, h);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = norm_value<M, XT>(xf[e] * rstd, w[e]) * m[e] + h[e];
+      store_elems<XT, VEC>(yrow, col, out, p.y_vectorized != 0);
     }
   }
 }

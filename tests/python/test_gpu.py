@@ -70,3 +70,53 @@ def test_gpu_and_cpu_agree(kind):
     yc = modnorm.modulated_rms_norm(x.cpu(), w.cpu(), s.cpu(), h.cpu())
     # both round once at the end from float32; they may differ by one bf16 ulp
     torch.testing.assert_close(y.cpu().float(), yc.float(), atol=1.6e-2, rtol=8e-3)
+
+
+# forward_rows_kernel's shapes (1 to 24 vectors per lane, 1 to 32 lanes per row) and its row
+# tiles: modulation cached per block (per sample, per frame, chunk views) with several tiles per
+# run and a partial last one, per-token modulation (and (T, D) rows shared over the batch) loaded with x (same dtype) or after the sum
+# (float32), and (D = 16, 800000 rows) blocks that walk several rows per team.
+@pytest.mark.parametrize(
+    "D,T",
+    [(16, 400000), (32, 600), (128, 600), (512, 300), (1024, 300), (1152, 200), (2048, 100), (3072, 60), (4096, 60), (5120, 40), (6144, 40)],
+)
+@pytest.mark.parametrize(
+    "kind,mod_dtype",
+    [("per_sample", None), ("per_token", None), ("per_token", torch.float32), ("chunk", None), ("token_shared", None)],
+    ids=["per_sample", "per_token", "per_token_fp32", "chunk", "token_shared"],
+)
+@pytest.mark.parametrize("weight_shift", [True, False], ids=["weight_shift", "scale_only"])
+def test_forward_row_tiles(D, T, kind, mod_dtype, weight_shift):
+    from test_accuracy import check_case
+
+    check_case("cuda", torch.bfloat16, "llama", 0.0, kind, weight_shift, weight_shift, mod_dtype=mod_dtype, D=D, T=T)
+
+
+# backward_const_kernel (rows of a block share one scale row; llama and none casting) and the
+# register kernel it stands in for (gemma), on rows long enough for block-wide teams.
+@pytest.mark.parametrize("mode,offset", [("llama", 0.0), ("gemma", 1.0), ("none", 0.0)])
+@pytest.mark.parametrize("kind", ["per_sample", "shared", "chunk", "groups"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_backward_long_rows_every_mode(mode, offset, kind, dtype):
+    from test_accuracy import check_case
+
+    check_case("cuda", dtype, mode, offset, kind, True, True, D=2048, T=200)
+
+
+@pytest.mark.parametrize("kind", ["per_sample", "shared", "none"])
+def test_backward_long_rows_bitwise_repeatable(kind):
+    B, T, D = 2, 1000, 3072
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    shape = {"per_sample": (B, 1, D), "shared": (D,), "none": None}[kind]
+    s = torch.randn(shape, device="cuda", requires_grad=True) if shape else None
+    h = torch.randn(shape, device="cuda", requires_grad=True) if shape else None
+    dy = torch.randn_like(x)
+    leaves = [t for t in (x, w, s, h) if t is not None]
+    runs = []
+    for _ in range(3):
+        y = modnorm.modulated_rms_norm(x, w, s, h, in_place=False)
+        runs.append(torch.autograd.grad(y, leaves, dy))
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)

@@ -1,0 +1,229 @@
+// CUDA backend: launch planning for the forward.
+//
+//   forward_rows_kernel: vectorized rows up to 128 16-byte vectors (1024 bf16 elements): teams of
+//     1-32 lanes, tiles of rows per block, weight and shared modulation cached in shared memory.
+//   forward_reg_kernel:  vectorized rows of 129-4096 vectors, one block-wide team per row, its
+//     weight/modulation vectors prefetched into shared memory with x.
+//   forward_loop_kernel: longer rows, or layouts without 16-byte alignment.
+#include "launch_common.h"
+
+namespace modnorm::detail {
+namespace {
+
+// forward_rows_kernel shapes: NV vectors per lane, TPR lanes per row, by row length in vectors:
+// every lane holds 4 vectors (64 bytes of x in flight); rows up to 4 vectors get a lane each.
+template <int NV, int TPR>
+struct Rows {
+  static constexpr int kNV = NV;
+  static constexpr int kTPR = TPR;
+  static constexpr int kThreads = cuda_detail::rows_block_threads(NV);
+  static constexpr int kTeams = kThreads / TPR;
+};
+
+template <typename F>
+bool visit_rows_config(int dim_vecs, F&& f) {
+  if (dim_vecs <= 4) return f(Rows<4, 1>{}), true;
+  if (dim_vecs <= 8) return f(Rows<4, 2>{}), true;
+  if (dim_vecs <= 16) return f(Rows<4, 4>{}), true;
+  if (dim_vecs <= 32) return f(Rows<4, 8>{}), true;
+  if (dim_vecs <= 64) return f(Rows<4, 16>{}), true;
+  if (dim_vecs <= 128) return f(Rows<4, 32>{}), true;
+  return false;
+}
+
+// Longer vectorized rows: one block-wide team per row, 2-4 vectors per thread.
+template <typename F>
+bool visit_block_row_config(int dim_vecs, F&& f) {
+  if (dim_vecs <= 256) return f(Config<2, 128, 1>{}), true;
+  if (dim_vecs <= 512) return f(Config<4, 128, 1>{}), true;
+  if (dim_vecs <= 1024) return f(Config<4, 256, 1>{}), true;
+  if (dim_vecs <= 2048) return f(Config<4, 512, 1>{}), true;
+  if (dim_vecs <= 4096) return f(Config<4, 1024, 1>{}), true;
+  return false;
+}
+
+inline int64_t round16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Rows per modulation row when every present modulation operand is read in runs of one common
+// length (per sample, per frame, shared); 0 otherwise.
+int64_t modulation_run(const ForwardPlan& p) {
+  int64_t run = 0;
+  for (const auto* op : {&p.scale, &p.shift}) {
+    if (!op->present()) continue;
+    const RowMap& m = op == &p.scale ? p.scale_map : p.shift_map;
+    if (!m.blocked || m.rows_per_distinct < 1) return 0;
+    if (run != 0 && run != m.rows_per_distinct) return 0;
+    run = m.rows_per_distinct;
+  }
+  return run;
+}
+
+template <DType XT, CastingMode M>
+struct ForwardImpl {
+  // Per-token modulation in x's dtype, loaded into registers with x (short rows only).
+  static bool preload_modulation(const ForwardPlan& p) {
+    if (!p.scale.present() && !p.shift.present()) return false;
+    return (!p.scale.present() || p.scale.dtype == XT) && (!p.shift.present() || p.shift.dtype == XT);
+  }
+
+  template <int VEC, typename C>
+  static void launch_rows(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream, int device) {
+    const cuda_detail::DeviceInfo& info = device_info(device);
+    const int64_t vec_bytes_w = VEC * int64_t(dtype_size(p.weight.dtype));
+    const int64_t vec_bytes_s = VEC * int64_t(dtype_size(p.scale.dtype));
+    const int64_t vec_bytes_h = VEC * int64_t(dtype_size(p.shift.dtype));
+    int64_t run = modulation_run(p);
+    if (run < C::kTeams) run = 0;  // too few rows per modulation row to be worth a copy
+    int64_t smem = 0;
+    a.cache_w = a.cache_s = a.cache_h = -1;
+    if (p.weight.present()) {
+      a.cache_w = static_cast<int>(smem);
+      smem += round16(a.dim_vecs * vec_bytes_w);
+    }
+    if (run > 0) {
+      const int64_t mod_bytes = (p.scale.present() ? round16(a.dim_vecs * vec_bytes_s) : 0) +
+                                (p.shift.present() ? round16(a.dim_vecs * vec_bytes_h) : 0);
+      if (size_t(smem + mod_bytes) + kStaticSmemReserve <= info.max_smem_optin) {
+        if (p.scale.present()) {
+          a.cache_s = static_cast<int>(smem);
+          smem += round16(a.dim_vecs * vec_bytes_s);
+        }
+        if (p.shift.present()) {
+          a.cache_h = static_cast<int>(smem);
+          smem += round16(a.dim_vecs * vec_bytes_h);
+        }
+      } else {
+        run = 0;
+      }
+    }
+    const bool pre = run == 0 && C::kNV <= 8 && preload_modulation(p);
+    const void* kernel = nullptr;
+    if constexpr (C::kNV <= 8) {
+      if (pre) {
+        kernel = reinterpret_cast<const void*>(
+            cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, true>);
+      }
+    }
+    if (kernel == nullptr) {
+      kernel = reinterpret_cast<const void*>(
+          cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, false>);
+    }
+    // Tiles: a few rows per team, as many as leave at least two waves of blocks.
+    const int occupancy = blocks_per_sm(device, kernel, C::kThreads, size_t(smem));
+    const int64_t wave_rows = int64_t(info.sm_count) * occupancy * C::kTeams;
+    const int64_t iters = std::max<int64_t>(1, std::min<int64_t>(16, p.rows / (2 * wave_rows)));
+    int64_t tile_rows = C::kTeams * iters;
+    int64_t grid = 0;
+    for (;; tile_rows *= 2) {
+      a.run_rows = run;
+      a.tiles_per_run = run > 0 ? ceil_div(run, tile_rows) : 1;
+      grid = run > 0 ? (p.rows / run) * a.tiles_per_run : ceil_div(p.rows, tile_rows);
+      if (grid <= INT_MAX) break;
+    }
+    a.tile_rows = tile_rows;
+    allow_dynamic_smem(kernel, size_t(smem));
+    void* args[] = {&a};
+    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                             dim3(C::kThreads), args, size_t(smem), stream),
+                            "modnorm forward_rows_kernel");
+    check_launch("modnorm forward_rows_kernel");
+  }
+
+  template <int VEC>
+  static void launch(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream, int device) {
+    a.dim_vecs = static_cast<int>(p.dim / VEC);
+    a.y_vectorized = cuda_detail::output_vectorizable(a.y, p.x_dtype, VEC) ? 1 : 0;
+    if constexpr (VEC > 1) {
+      if (visit_rows_config(a.dim_vecs, [&](auto config) {
+            launch_rows<VEC, decltype(config)>(p, a, stream, device);
+          })) {
+        return;
+      }
+      const bool done = visit_block_row_config(a.dim_vecs, [&](auto config) {
+        using C = decltype(config);
+        auto kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams>;
+        // Slots for per-token scale/shift rows, prefetched with x by cp.async: those are a
+        // second DRAM stream, and waiting for them after the row sum put two memory latencies in
+        // series (ltx2b-i2v 78% -> 86%). Weight and shared rows stay L1 reads: copying them per
+        // row cost 6-19 points (v0.4 log).
+        int64_t slot_bytes = 0;
+        a.pre_s = a.pre_h = -1;
+        auto slot = [&](const Operand& op, const RowMap& map, int& off) {
+          if (!op.present() || map.rows_per_distinct != 1) return;
+          off = static_cast<int>(slot_bytes);
+          slot_bytes += round16(int64_t(a.dim_vecs) * VEC * int64_t(dtype_size(op.dtype)));
+        };
+        slot(p.scale, p.scale_map, a.pre_s);
+        slot(p.shift, p.shift_map, a.pre_h);
+        const size_t smem = size_t(slot_bytes) * C::kTeams;
+        if (smem + kStaticSmemReserve > device_info(device).max_smem_optin) {
+          a.pre_s = a.pre_h = -1;
+          slot_bytes = 0;
+        }
+        a.pre_slot_bytes = static_cast<int>(slot_bytes);
+        allow_dynamic_smem(reinterpret_cast<const void*>(kernel), size_t(slot_bytes) * C::kTeams);
+        // A block per row: short blocks retire and are replaced while others still wait on
+        // memory (measured faster than a persistent grid here). The kernel strides over rows,
+        // so the launch limit is the only cap.
+        const int64_t grid = std::min<int64_t>(ceil_div(p.rows, C::kTeams), INT_MAX);
+        kernel<<<static_cast<unsigned>(grid), C::kThreads, size_t(slot_bytes) * C::kTeams,
+                 stream>>>(a);
+        check_launch("modnorm forward_reg_kernel");
+      });
+      if (done) return;
+    }
+    // Unvectorized short rows: warp teams. Everything else: one 512-thread block per row.
+    const bool warp_teams = VEC == 1 && p.dim <= kSmallLoopDim;
+    const void* kernel =
+        warp_teams
+            ? reinterpret_cast<const void*>(cuda_detail::forward_loop_kernel<XT, M, 1, 32, 8>)
+            : reinterpret_cast<const void*>(
+                  cuda_detail::forward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
+    const int threads = warp_teams ? 256 : kLoopBlockThreads;
+    const int teams = warp_teams ? 8 : 1;
+    const size_t stage_bytes = warp_teams ? 0 : size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
+    launch_loop_kernel(kernel, a, threads, teams, stage_bytes, p.rows, device, stream,
+                       "modnorm forward_loop_kernel");
+  }
+
+  static void run(const ForwardPlan& p, void* y, float* rstd, cudaStream_t stream) {
+    require_int_dim(p.dim);
+    ForwardArgs a;
+    a.x = p.x;
+    a.y = y;
+    a.rstd = rstd;
+    a.rows = p.rows;
+    a.x_row_stride = p.x_row_stride;
+    a.dim = static_cast<int>(p.dim);
+    a.weight = p.weight.present() ? p.weight.data : nullptr;
+    a.scale = p.scale.present() ? p.scale.data : nullptr;
+    a.shift = p.shift.present() ? p.shift.data : nullptr;
+    a.weight_dtype = dtype_int(p.weight.dtype);
+    a.scale_dtype = dtype_int(p.scale.dtype);
+    a.shift_dtype = dtype_int(p.shift.dtype);
+    a.eps = p.eps;
+    a.offset = p.offset;
+    a.scale_offset = p.scale_offset;
+    a.inv_dim = 1.f / static_cast<float>(p.dim);
+    a.scale_map = to_dev_map(p.scale_map);
+    a.shift_map = to_dev_map(p.shift_map);
+    constexpr int kVec = vector_width<XT>();
+    if (rows_vectorizable(p, kVec, nullptr, 0)) {
+      launch<kVec>(p, a, stream, p.device.index);
+    } else {
+      launch<1>(p, a, stream, p.device.index);
+    }
+  }
+};
+
+}  // namespace
+
+void cuda_forward(const ForwardPlan& plan, void* y, float* rstd, void* stream) {
+  if (plan.empty()) return;
+  cuda_detail::DeviceGuard guard(plan.device.index);
+  dispatch<ForwardImpl>(plan.x_dtype, plan.casting_mode, [&](auto impl) {
+    decltype(impl)::run(plan, y, rstd, static_cast<cudaStream_t>(stream));
+  });
+}
+
+}  // namespace modnorm::detail

@@ -1,0 +1,130 @@
+// Host-side launch helpers shared by the forward (forward_launch.cu) and backward
+// (cuda_backend.cu) translation units, which nvcc compiles in parallel.
+#pragma once
+
+#include <climits>
+
+#include "../backend.h"
+#include "forward_kernels.cuh"
+#include "host_utils.h"
+
+namespace modnorm::detail {
+
+using cuda_detail::DevMap;
+using cuda_detail::ForwardArgs;
+using cuda_detail::XRaw;
+using cuda_detail::allow_dynamic_smem;
+using cuda_detail::blocks_per_sm;
+using cuda_detail::ceil_div;
+using cuda_detail::check_launch;
+using cuda_detail::device_info;
+using cuda_detail::elem_bytes;
+
+template <int NV, int TPR, int TEAMS>
+struct Config {
+  static constexpr int kNV = NV;
+  static constexpr int kTPR = TPR;
+  static constexpr int kTeams = TEAMS;
+  static constexpr int kThreads = TPR * TEAMS;
+};
+
+template <DType XT>
+constexpr int vector_width() {
+  return 16 / elem_bytes<XT>();
+}
+
+inline DevMap to_dev_map(const RowMap& m) {
+  DevMap d;
+  d.ndim = m.ndim;
+  for (int i = 0; i < m.ndim; ++i) {
+    d.size[i] = m.size[i];
+    d.stride[i] = m.stride[i];
+    d.grad_stride[i] = m.grad_stride[i];
+  }
+  d.rows_per_distinct = m.rows_per_distinct > 0 ? m.rows_per_distinct : 1;
+  d.distinct_rows = m.distinct_rows;
+  d.blocked = m.blocked ? 1 : 0;
+  d.block_stride = m.block_stride;
+  d.block_grad_stride = (m.blocked && m.ndim > 0) ? m.grad_stride[0] : 0;
+  return d;
+}
+
+inline int dtype_int(DType t) { return static_cast<int>(t); }
+
+inline void require_int_dim(int64_t dim) {
+  if (dim > INT_MAX / 2) {
+    throw Error(Error::Kind::kValue, "modnorm CUDA backend: last dim " + std::to_string(dim) +
+                                         " is too large");
+  }
+}
+
+// Rows whose x (and dy) rows, weight and modulation all allow 16-byte vectors of x's dtype.
+inline bool rows_vectorizable(const ForwardPlan& p, int vec, const void* dy, int64_t dy_row_stride) {
+  const int64_t es = static_cast<int64_t>(dtype_size(p.x_dtype));
+  if (p.dim % vec != 0) return false;
+  if (!cuda_detail::aligned_to(p.x, 16) || (p.rows > 1 && (p.x_row_stride * es) % 16 != 0)) {
+    return false;
+  }
+  if (dy != nullptr &&
+      (!cuda_detail::aligned_to(dy, 16) || (p.rows > 1 && (dy_row_stride * es) % 16 != 0))) {
+    return false;
+  }
+  return cuda_detail::operand_vectorizable(p.weight, vec, nullptr) &&
+         cuda_detail::operand_vectorizable(p.scale, vec, &p.scale_map) &&
+         cuda_detail::operand_vectorizable(p.shift, vec, &p.shift_map);
+}
+
+inline int round_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b * b); }
+
+constexpr int kLoopBlockThreads = 512;
+constexpr int kSmallLoopDim = 1024;  // unvectorized rows up to this use warp teams
+constexpr size_t kStaticSmemReserve = 1024;
+
+// Launches a loop kernel (forward or backward): as many blocks as fit at once, each walking rows;
+// the row is staged in dynamic shared memory when `stage_bytes` (0: never) fits beside the
+// static reservation.
+template <typename Args>
+void launch_loop_kernel(const void* kernel, Args& a, int threads, int teams, size_t stage_bytes,
+                        int64_t rows, int device, cudaStream_t stream, const char* name) {
+  const cuda_detail::DeviceInfo& info = device_info(device);
+  size_t smem = 0;
+  a.staged = 0;
+  if (stage_bytes > 0 && stage_bytes + kStaticSmemReserve <= info.max_smem_optin) {
+    smem = stage_bytes;
+    a.staged = 1;
+  }
+  const int occupancy = blocks_per_sm(device, kernel, threads, smem);
+  const int64_t grid = std::min<int64_t>(ceil_div(rows, teams), int64_t(info.sm_count) * occupancy);
+  allow_dynamic_smem(kernel, smem);
+  void* args[] = {&a};
+  cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(threads),
+                                           args, smem, stream),
+                          name);
+  check_launch(name);
+}
+
+template <template <DType, CastingMode> class Impl, typename F>
+decltype(auto) dispatch(DType x_dtype, CastingMode mode, F&& f) {
+  // float32 x never rounds, so one casting mode serves all three.
+  switch (x_dtype) {
+    case DType::kFloat32: return f(Impl<DType::kFloat32, CastingMode::kNone>{});
+    case DType::kFloat16:
+      switch (mode) {
+        case CastingMode::kLlama: return f(Impl<DType::kFloat16, CastingMode::kLlama>{});
+        case CastingMode::kGemma: return f(Impl<DType::kFloat16, CastingMode::kGemma>{});
+        case CastingMode::kNone: return f(Impl<DType::kFloat16, CastingMode::kNone>{});
+      }
+      break;
+    case DType::kBFloat16:
+      switch (mode) {
+        case CastingMode::kLlama: return f(Impl<DType::kBFloat16, CastingMode::kLlama>{});
+        case CastingMode::kGemma: return f(Impl<DType::kBFloat16, CastingMode::kGemma>{});
+        case CastingMode::kNone: return f(Impl<DType::kBFloat16, CastingMode::kNone>{});
+      }
+      break;
+  }
+  throw Error(Error::Kind::kType, "modnorm CUDA backend: unsupported dtype or casting mode");
+}
+
+
+}  // namespace modnorm::detail
