@@ -34,6 +34,9 @@ struct ForwardArgs {
   // every run of run_rows rows reads one scale row and one shift row, tiles never cross a run
   // (tiles_per_run tiles each) and the block caches those rows; otherwise tiles cover all rows.
   int64_t tile_rows = 0, run_rows = 0, tiles_per_run = 1;
+  // forward_const_kernel: block b = group * blocks_per_group + sub owns rows
+  // [group * group_rows + sub * rows_per_block, + rows_per_block), clipped to its group.
+  int64_t group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   // Byte offsets of the cached weight / scale / shift rows in dynamic shared memory (-1: none).
   int cache_w = -1, cache_s = -1, cache_h = -1;
   // forward_reg_kernel: byte offsets of per-token scale / shift vectors in each team's
@@ -256,6 +259,110 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, 4>
     for (int v = lane; v < p.dim_vecs; v += TPR) {
       const Raw raw = staged ? stage[v] : __ldg(xrow + v);
       forward_vector<XT, M, VEC>(p, raw, rstd, v, scale_idx, shift_idx, yrow);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward_const_kernel: rows of 129-1024 vectors whose block reads one weight, one scale row and
+// one shift row (per-sample / per-frame runs grouped per block, shared rows, none). Each thread
+// owns fixed columns and keeps wm = (offset + weight) * (scale_offset + scale) and the shift for
+// them in registers, loaded once per block; rows stream through with the next row's x one row
+// ahead in registers. Per element that leaves unpack, x * rstd, the cast of the casting mode, one
+// fma and the pack (ncu, ltx2b-t2v: the register kernel issued on 81% of cycles at 39% of DRAM
+// bandwidth, ~30 instructions per element, most of them the per-row weight/modulation loads,
+// their dtype switches and offsets). Gemma rounds xhat * w before the scale, which does not fold:
+// it keeps forward_reg_kernel.
+template <int NV>
+__host__ __device__ constexpr int forward_const_min_blocks() {
+  return NV <= 2 ? 6 : NV == 3 ? 5 : NV == 4 ? 4 : NV == 5 ? 3 : 2;
+}
+
+template <DType XT, CastingMode M, int VEC, int NV, int THREADS, bool SHIFT>
+__global__ void __launch_bounds__(THREADS, forward_const_min_blocks<NV>())
+    forward_const_kernel(const __grid_constant__ ForwardArgs p) {
+  static_assert(M != CastingMode::kGemma, "gemma's rounding does not fold the weight");
+  using Raw = XRaw<XT, VEC>;
+  __shared__ float red[2][32];
+  const int lane = threadIdx.x;
+  const int64_t group = blockIdx.x / p.blocks_per_group;
+  const int64_t sub = blockIdx.x - group * p.blocks_per_group;
+  const int64_t group_begin = group * p.group_rows;
+  const int64_t group_end = min(group_begin + p.group_rows, p.rows);
+  const int64_t row_begin = min(group_begin + sub * p.rows_per_block, group_end);
+  const int64_t row_end = min(row_begin + p.rows_per_block, group_end);
+
+  auto load_row = [&](int64_t row, Raw (&xr)[NV]) {
+    const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * THREADS;
+      if (v < p.dim_vecs) xr[i] = __ldg(xrow + v);
+    }
+  };
+  Raw x_next[NV];
+  if (row_begin < row_end) load_row(row_begin, x_next);
+
+  float wm[NV][VEC], h[SHIFT ? NV : 1][VEC];
+  {
+    const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row_begin) : 0;
+    const int64_t shift_idx = SHIFT ? map_offset(p.shift_map, row_begin) : 0;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * THREADS;
+      const int64_t col = static_cast<int64_t>(v) * VEC;
+      float w[VEC] = {}, m[VEC] = {};
+      if (v < p.dim_vecs) {
+        load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+        load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+        if constexpr (SHIFT) load_any<VEC>(p.shift, p.shift_dtype, shift_idx + col, h[i]);
+      } else if constexpr (SHIFT) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) h[i][e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) wm[i][e] = w[e] * m[e];
+    }
+  }
+
+  int parity = 0;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    Raw xr[NV];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) xr[i] = x_next[i];
+    if (row + 1 < row_end) load_row(row + 1, x_next);
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      if (lane + i * THREADS < p.dim_vecs) {
+        float f[VEC];
+        unpack<XT, VEC>(xr[i], f);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
+      }
+    }
+    ss = team_sum_rt<0>(ss, red[parity]);
+    parity ^= 1;
+    const float rstd = rsqrtf(ss * p.inv_dim + p.eps);
+    if (lane == 0) p.rstd[row] = rstd;
+    void* yrow = elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim));
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * THREADS;
+      if (v < p.dim_vecs) {
+        float f[VEC], out[VEC];
+        unpack<XT, VEC>(xr[i], f);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float n = weight_factor<M, XT>(f[e] * rstd);  // llama: rounded to x's dtype
+          if constexpr (SHIFT) {
+            out[e] = fmaf(n, wm[i][e], h[i][e]);
+          } else {
+            out[e] = n * wm[i][e];
+          }
+        }
+        store_elems<XT, VEC>(yrow, static_cast<int64_t>(v) * VEC, out, p.y_vectorized != 0);
+      }
     }
   }
 }

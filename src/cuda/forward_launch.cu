@@ -2,8 +2,10 @@
 //
 //   forward_rows_kernel: vectorized rows up to 128 16-byte vectors (1024 bf16 elements): teams of
 //     1-32 lanes, tiles of rows per block, weight and shared modulation cached in shared memory.
-//   forward_reg_kernel:  vectorized rows of 129-4096 vectors, one block-wide team per row, its
-//     weight/modulation vectors prefetched into shared memory with x.
+//   forward_const_kernel: vectorized rows of 129-768 vectors whose blocks can each own rows that
+//     read one scale/shift row: weight * scale and shift held in registers per thread.
+//   forward_reg_kernel:  other vectorized rows up to 4096 vectors, one block-wide team per row,
+//     per-token modulation vectors prefetched into shared memory with x.
 //   forward_loop_kernel: longer rows, or layouts without 16-byte alignment.
 #include "launch_common.h"
 
@@ -39,6 +41,18 @@ bool visit_block_row_config(int dim_vecs, F&& f) {
   if (dim_vecs <= 1024) return f(Config<4, 256, 1>{}), true;
   if (dim_vecs <= 2048) return f(Config<4, 512, 1>{}), true;
   if (dim_vecs <= 4096) return f(Config<4, 1024, 1>{}), true;
+  return false;
+}
+
+// forward_const_kernel shapes: 128 threads with 2-6 vectors each (the register budget holds
+// wm, the shift and two rows of x per thread).
+template <typename F>
+bool visit_const_config(int dim_vecs, F&& f) {
+  if (dim_vecs <= 256) return f(Config<2, 128, 1>{}), true;
+  if (dim_vecs <= 384) return f(Config<3, 128, 1>{}), true;
+  if (dim_vecs <= 512) return f(Config<4, 128, 1>{}), true;
+  if (dim_vecs <= 640) return f(Config<5, 128, 1>{}), true;
+  if (dim_vecs <= 768) return f(Config<6, 128, 1>{}), true;
   return false;
 }
 
@@ -129,6 +143,48 @@ struct ForwardImpl {
     check_launch("modnorm forward_rows_kernel");
   }
 
+  // forward_const_kernel when every block can own rows reading one weight, scale and shift row:
+  // runs of at least 8 rows per modulation row (or no modulation). Returns whether it launched.
+  template <int VEC>
+  static bool launch_const(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream, int device) {
+    if constexpr (M == CastingMode::kGemma) {
+      return false;
+    } else {
+      const bool any_mod = p.scale.present() || p.shift.present();
+      const int64_t run = any_mod ? modulation_run(p) : p.rows;
+      if (run < 8 && run != p.rows) return false;
+      bool launched = false;
+      visit_const_config(a.dim_vecs, [&](auto config) {
+        using C = decltype(config);
+        const void* kernel =
+            p.shift.present()
+                ? reinterpret_cast<const void*>(
+                      cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kThreads, true>)
+                : reinterpret_cast<const void*>(
+                      cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kThreads, false>);
+        const cuda_detail::DeviceInfo& info = device_info(device);
+        // About two waves of blocks, 2-64 rows each, balanced inside each run.
+        const int occupancy = blocks_per_sm(device, kernel, C::kThreads, 0);
+        const int64_t target = std::max<int64_t>(1, int64_t(info.sm_count) * occupancy * 2);
+        const int64_t per_block = std::max<int64_t>(2, std::min<int64_t>(64, ceil_div(p.rows, target)));
+        const int64_t groups = p.rows / run;
+        const int64_t blocks_per_group = ceil_div(run, per_block);
+        a.group_rows = run;
+        a.blocks_per_group = blocks_per_group;
+        a.rows_per_block = ceil_div(run, blocks_per_group);
+        const int64_t grid = groups * blocks_per_group;
+        if (grid > INT_MAX) return;  // the register kernel strides instead
+        void* args[] = {&a};
+        cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                                 dim3(C::kThreads), args, 0, stream),
+                                "modnorm forward_const_kernel");
+        check_launch("modnorm forward_const_kernel");
+        launched = true;
+      });
+      return launched;
+    }
+  }
+
   template <int VEC>
   static void launch(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream, int device) {
     a.dim_vecs = static_cast<int>(p.dim / VEC);
@@ -139,6 +195,7 @@ struct ForwardImpl {
           })) {
         return;
       }
+      if (launch_const<VEC>(p, a, stream, device)) return;
       const bool done = visit_block_row_config(a.dim_vecs, [&](auto config) {
         using C = decltype(config);
         auto kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams>;
