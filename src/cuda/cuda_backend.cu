@@ -47,11 +47,14 @@ constexpr int64_t kBackwardRingBudget = 64 * 1024;
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-// Register-resident configurations: at most 16 elements per thread, since each thread also keeps
-// up to three partial sums per element across its rows, and no more than 512 threads per block
-// so the compiler may give each thread 128 registers.
+// Register-resident configurations (short rows: teams of 8-32 lanes, 8-32 rows per block): at
+// most 16 elements per thread, since each thread also keeps up to three partial sums per element
+// across its rows, and no more than 512 threads per block so the compiler may give each thread
+// 128 registers.
 template <int VEC, typename F>
 bool visit_backward_config(int dim_vecs, F&& f) {
+  if (dim_vecs <= 8) return f(Config<1, 8, 32>{}), true;
+  if (dim_vecs <= 16) return f(Config<1, 16, 16>{}), true;
   if (dim_vecs <= 32) return f(Config<1, 32, 8>{}), true;
   if (dim_vecs <= 64) return f(Config<2, 32, 8>{}), true;
   if (dim_vecs <= 128) return f(Config<1, 128, 1>{}), true;
@@ -160,7 +163,12 @@ struct BackwardImpl {
         return std::string(v != nullptr ? v : "");
       }();
       const bool force_pipe = forced == "pipe";
-      if (stage_m || dv <= 32 || force_pipe) {
+      // Rows of a block that read one scale row (checked again once blocks are grouped) take
+      // backward_const_kernel; MODNORM_BACKWARD_KERNEL=reg turns it off for comparisons.
+      const bool const_candidate =
+          M != CastingMode::kGemma && forced != "reg" &&
+          (!p.scale.present() || (p.scale_map.blocked && p.scale_map.rows_per_distinct > 1));
+      if (stage_m || force_pipe || (dv <= 32 && !const_candidate)) {
         visit_backward_pipe(dv, [&](auto shape) {
           using S = decltype(shape);
           const int threads = pipe_threads(dv, S::kNV, S::kTPR);
@@ -199,11 +207,6 @@ struct BackwardImpl {
           l.pipe = true;
         });
       }
-      // Rows of a block that read one scale row (checked again once blocks are grouped) take
-      // backward_const_kernel; MODNORM_BACKWARD_KERNEL=reg turns it off for comparisons.
-      const bool const_candidate =
-          M != CastingMode::kGemma && forced != "reg" &&
-          (!p.scale.present() || (p.scale_map.blocked && p.scale_map.rows_per_distinct > 1));
       if (!l.reg_path) {
         l.reg_path = visit_backward_config<kVec>(dv, [&](auto config) {
           using C = decltype(config);

@@ -273,18 +273,26 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, 4>
 // bandwidth, ~30 instructions per element, most of them the per-row weight/modulation loads,
 // their dtype switches and offsets). Gemma rounds xhat * w before the scale, which does not fold:
 // it keeps forward_reg_kernel.
-template <int NV>
+// Resident blocks from the registers a thread needs: wm (and the shift) per column, x and the
+// next row's x, plus ~24 for addresses and the loop.
+template <int NV, int VEC, bool SHIFT, int THREADS>
 __host__ __device__ constexpr int forward_const_min_blocks() {
-  return NV <= 2 ? 6 : NV == 3 ? 5 : NV == 4 ? 4 : NV == 5 ? 3 : 2;
+  constexpr int regs = ((SHIFT ? 2 : 1) * NV * VEC + 8 * NV + 24 + 7) / 8 * 8;
+  constexpr int blocks = 65536 / (THREADS * regs);
+  return blocks < 1 ? 1 : blocks > 16 ? 16 : blocks;
 }
 
-template <DType XT, CastingMode M, int VEC, int NV, int THREADS, bool SHIFT>
-__global__ void __launch_bounds__(THREADS, forward_const_min_blocks<NV>())
+// TPR lanes per row: a block-wide team (TEAMS == 1, TPR == block size) or TEAMS teams of at most
+// a warp each, for short rows (their sums are shuffles only).
+template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool SHIFT>
+__global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, SHIFT, TPR * TEAMS>())
     forward_const_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(M != CastingMode::kGemma, "gemma's rounding does not fold the weight");
+  static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[2][32];
-  const int lane = threadIdx.x;
+  const int team = threadIdx.x / TPR;
+  const int lane = threadIdx.x % TPR;
   const int64_t group = blockIdx.x / p.blocks_per_group;
   const int64_t sub = blockIdx.x - group * p.blocks_per_group;
   const int64_t group_begin = group * p.group_rows;
@@ -296,12 +304,12 @@ __global__ void __launch_bounds__(THREADS, forward_const_min_blocks<NV>())
     const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * THREADS;
+      const int v = lane + i * TPR;
       if (v < p.dim_vecs) xr[i] = __ldg(xrow + v);
     }
   };
   Raw x_next[NV];
-  if (row_begin < row_end) load_row(row_begin, x_next);
+  if (row_begin + team < row_end) load_row(row_begin + team, x_next);
 
   float wm[NV][VEC], h[SHIFT ? NV : 1][VEC];
   {
@@ -309,7 +317,7 @@ __global__ void __launch_bounds__(THREADS, forward_const_min_blocks<NV>())
     const int64_t shift_idx = SHIFT ? map_offset(p.shift_map, row_begin) : 0;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * THREADS;
+      const int v = lane + i * TPR;
       const int64_t col = static_cast<int64_t>(v) * VEC;
       float w[VEC] = {}, m[VEC] = {};
       if (v < p.dim_vecs) {
@@ -326,29 +334,37 @@ __global__ void __launch_bounds__(THREADS, forward_const_min_blocks<NV>())
   }
 
   int parity = 0;
-  for (int64_t row = row_begin; row < row_end; ++row) {
+  // Iterations are uniform over the block: every lane reaches every shuffle and barrier.
+  for (int64_t base = row_begin; base < row_end; base += TEAMS) {
+    const int64_t row = base + team;
+    const bool active = row < row_end;
     Raw xr[NV];
 #pragma unroll
     for (int i = 0; i < NV; ++i) xr[i] = x_next[i];
-    if (row + 1 < row_end) load_row(row + 1, x_next);
+    if (row + TEAMS < row_end) load_row(row + TEAMS, x_next);
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      if (lane + i * THREADS < p.dim_vecs) {
+      if (active && lane + i * TPR < p.dim_vecs) {
         float f[VEC];
         unpack<XT, VEC>(xr[i], f);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
       }
     }
-    ss = team_sum_rt<0>(ss, red[parity]);
-    parity ^= 1;
+    if constexpr (TEAMS == 1) {
+      ss = team_sum_rt<0>(ss, red[parity]);
+      parity ^= 1;
+    } else {
+      ss = team_sum<TPR>(ss, nullptr);
+    }
+    if (!active) continue;
     const float rstd = rsqrtf(ss * p.inv_dim + p.eps);
     if (lane == 0) p.rstd[row] = rstd;
     void* yrow = elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim));
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * THREADS;
+      const int v = lane + i * TPR;
       if (v < p.dim_vecs) {
         float f[VEC], out[VEC];
         unpack<XT, VEC>(xr[i], f);

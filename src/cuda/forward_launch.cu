@@ -1,9 +1,10 @@
 // CUDA backend: launch planning for the forward.
 //
-//   forward_rows_kernel: vectorized rows up to 128 16-byte vectors (1024 bf16 elements): teams of
+//   forward_const_kernel: vectorized rows up to 768 16-byte vectors whose blocks can each own rows
+//     that read one scale/shift row (no modulation, per sample, per frame, shared; llama and
+//     none casting): weight * scale and shift held in registers per thread.
+//   forward_rows_kernel: other vectorized rows up to 128 vectors (1024 bf16 elements): teams of
 //     1-32 lanes, tiles of rows per block, weight and shared modulation cached in shared memory.
-//   forward_const_kernel: vectorized rows of 129-768 vectors whose blocks can each own rows that
-//     read one scale/shift row: weight * scale and shift held in registers per thread.
 //   forward_reg_kernel:  other vectorized rows up to 4096 vectors, one block-wide team per row,
 //     per-token modulation vectors prefetched into shared memory with x.
 //   forward_loop_kernel: longer rows, or layouts without 16-byte alignment.
@@ -44,10 +45,18 @@ bool visit_block_row_config(int dim_vecs, F&& f) {
   return false;
 }
 
-// forward_const_kernel shapes: 128 threads with 2-6 vectors each (the register budget holds
-// wm, the shift and two rows of x per thread).
+// forward_const_kernel shapes: 128 threads; short rows in teams of 1-32 lanes with 2 vectors
+// each, longer rows one block-wide team with 2-6 vectors each (the register budget holds wm, the
+// shift and two rows of x per thread).
 template <typename F>
 bool visit_const_config(int dim_vecs, F&& f) {
+  if (dim_vecs <= 2) return f(Config<2, 1, 128>{}), true;
+  if (dim_vecs <= 4) return f(Config<2, 2, 64>{}), true;
+  if (dim_vecs <= 8) return f(Config<2, 4, 32>{}), true;
+  if (dim_vecs <= 16) return f(Config<2, 8, 16>{}), true;
+  if (dim_vecs <= 32) return f(Config<2, 16, 8>{}), true;
+  if (dim_vecs <= 64) return f(Config<2, 32, 4>{}), true;
+  if (dim_vecs <= 128) return f(Config<4, 32, 4>{}), true;
   if (dim_vecs <= 256) return f(Config<2, 128, 1>{}), true;
   if (dim_vecs <= 384) return f(Config<3, 128, 1>{}), true;
   if (dim_vecs <= 512) return f(Config<4, 128, 1>{}), true;
@@ -158,15 +167,18 @@ struct ForwardImpl {
         using C = decltype(config);
         const void* kernel =
             p.shift.present()
-                ? reinterpret_cast<const void*>(
-                      cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kThreads, true>)
-                : reinterpret_cast<const void*>(
-                      cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kThreads, false>);
+                ? reinterpret_cast<const void*>(cuda_detail::forward_const_kernel<
+                                                XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>)
+                : reinterpret_cast<const void*>(cuda_detail::forward_const_kernel<
+                                                XT, M, VEC, C::kNV, C::kTPR, C::kTeams, false>);
         const cuda_detail::DeviceInfo& info = device_info(device);
-        // About two waves of blocks, 2-64 rows each, balanced inside each run.
+        // About two waves of blocks, 1-64 rows per team (at least 2 for block-wide teams, whose
+        // constants cost as much to load as a row), balanced inside each run.
         const int occupancy = blocks_per_sm(device, kernel, C::kThreads, 0);
         const int64_t target = std::max<int64_t>(1, int64_t(info.sm_count) * occupancy * 2);
-        const int64_t per_block = std::max<int64_t>(2, std::min<int64_t>(64, ceil_div(p.rows, target)));
+        const int64_t iters = std::max<int64_t>(
+            C::kTeams == 1 ? 2 : 1, std::min<int64_t>(64, ceil_div(p.rows, target * C::kTeams)));
+        const int64_t per_block = iters * C::kTeams;
         const int64_t groups = p.rows / run;
         const int64_t blocks_per_group = ceil_div(run, per_block);
         a.group_rows = run;
@@ -190,12 +202,12 @@ struct ForwardImpl {
     a.dim_vecs = static_cast<int>(p.dim / VEC);
     a.y_vectorized = cuda_detail::output_vectorizable(a.y, p.x_dtype, VEC) ? 1 : 0;
     if constexpr (VEC > 1) {
+      if (launch_const<VEC>(p, a, stream, device)) return;
       if (visit_rows_config(a.dim_vecs, [&](auto config) {
             launch_rows<VEC, decltype(config)>(p, a, stream, device);
           })) {
         return;
       }
-      if (launch_const<VEC>(p, a, stream, device)) return;
       const bool done = visit_block_row_config(a.dim_vecs, [&](auto config) {
         using C = decltype(config);
         auto kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams>;
