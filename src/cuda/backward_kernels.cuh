@@ -172,12 +172,9 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>()
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
 
-  const int64_t group = blockIdx.x / p.blocks_per_group;
-  const int64_t sub = blockIdx.x % p.blocks_per_group;
-  const int64_t group_begin = group * p.group_rows;
-  const int64_t group_end = min(group_begin + p.group_rows, p.rows);
-  const int64_t row_begin = min(group_begin + sub * p.rows_per_block, group_end);
-  const int64_t row_end = min(row_begin + p.rows_per_block, group_end);
+  const RowRange range = block_rows(p.rows, p.group_rows, p.blocks_per_group, p.rows_per_block);
+  const int64_t row_begin = range.begin;
+  const int64_t row_end = range.end;
 
   float acc_w[NV][VEC], acc_s[NV][VEC], acc_h[NV][VEC];
 #pragma unroll
@@ -291,12 +288,9 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
 
-  const int64_t group = blockIdx.x / p.blocks_per_group;
-  const int64_t sub = blockIdx.x % p.blocks_per_group;
-  const int64_t group_begin = group * p.group_rows;
-  const int64_t group_end = min(group_begin + p.group_rows, p.rows);
-  const int64_t row_begin = min(group_begin + sub * p.rows_per_block, group_end);
-  const int64_t row_end = min(row_begin + p.rows_per_block, group_end);
+  const RowRange range = block_rows(p.rows, p.group_rows, p.blocks_per_group, p.rows_per_block);
+  const int64_t row_begin = range.begin;
+  const int64_t row_end = range.end;
   const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row_begin) : 0;
   const bool want_s = p.dweight_partials != nullptr || p.dscale_partials != nullptr;
 
@@ -469,12 +463,9 @@ __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ?
   float* team_partials = reinterpret_cast<float*>(bwd_pipe_mem);  // [teams][dim], teams > 1
   char* ring = bwd_pipe_mem + p.partials_smem + static_cast<size_t>(team) * p.stages * p.stage_bytes;
 
-  const int64_t group = blockIdx.x / p.blocks_per_group;
-  const int64_t sub = blockIdx.x % p.blocks_per_group;
-  const int64_t group_begin = group * p.group_rows;
-  const int64_t group_end = min(group_begin + p.group_rows, p.rows);
-  const int64_t row_begin = min(group_begin + sub * p.rows_per_block, group_end);
-  const int64_t row_end = min(row_begin + p.rows_per_block, group_end);
+  const RowRange range = block_rows(p.rows, p.group_rows, p.blocks_per_group, p.rows_per_block);
+  const int64_t row_begin = range.begin;
+  const int64_t row_end = range.end;
   // Iterations are uniform over the block, so every lane reaches every sum.
   const int64_t iters = (row_end - row_begin + teams - 1) / teams;
   const int m_es = p.m_vec_bytes / VEC;

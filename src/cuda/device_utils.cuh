@@ -297,6 +297,38 @@ __device__ __forceinline__ int64_t map_nth_row(const DevMap& m, int64_t g, int64
   return row;
 }
 
+// The rows [begin, end) block `blockIdx.x` owns when blocks come blocks_per_group to a group of
+// group_rows consecutive rows, rows_per_block each, the last ones clipped to their group.
+struct RowRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ RowRange block_rows(int64_t rows, int64_t group_rows,
+                                               int64_t blocks_per_group, int64_t rows_per_block) {
+  const int64_t group = blockIdx.x / blocks_per_group;
+  const int64_t sub = blockIdx.x - group * blocks_per_group;
+  const int64_t group_begin = group * group_rows;
+  const int64_t group_end = min(group_begin + group_rows, rows);
+  const int64_t begin = min(group_begin + sub * rows_per_block, group_end);
+  return {begin, min(begin + rows_per_block, group_end)};
+}
+
+// This thread's share of a row's sum of squares: its NV vectors lane + i * tpr of x.
+template <DType XT, int VEC, int NV, typename Raw>
+__device__ __forceinline__ float sum_squares(const Raw (&xr)[NV], bool active, int lane, int tpr,
+                                             int dim_vecs) {
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    if (active && lane + i * tpr < dim_vecs) {
+      float f[VEC];
+      unpack<XT, VEC>(xr[i], f);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
+    }
+  }
+  return ss;
+}
+
 // Sum over the TPR threads of a team. Every lane gets the same bits (xor butterflies add the
 // same pairs in each lane; the cross-warp step reads the partials in one fixed order).
 // TPR > 32 needs the whole block on the call (one team per block) and `red` of 32 floats.

@@ -104,9 +104,11 @@ constexpr int kTeamBlockThreads = 256;  // backward pipe kernel with warp teams
 // registers (ptxas spills 32 bytes), and 12 resident 128-thread blocks instead of 9 keep more
 // rows' loads in flight (ncu on ltx2b-t2v: 54 registers capped occupancy at 56%); 4 vectors per
 // thread need more registers than that without spilling, so they keep 8 blocks of 128 threads.
-template <int THREADS, int NV>
+template <int THREADS, int NV, bool PRE = false>
 constexpr int forward_min_blocks() {
-  constexpr int resident_threads = NV <= 2 ? 1536 : 1024;
+  // With per-token prefetch slots the 1-2-vector rows keep 48 registers (10 blocks): at 40
+  // registers they spilled 32-96 bytes and ltx2b-i2v lost 7 points (88 -> 81%).
+  constexpr int resident_threads = NV <= 2 ? (PRE ? 1280 : 1536) : 1024;
   return THREADS >= resident_threads ? 1 : resident_threads / THREADS;
 }
 
@@ -159,8 +161,8 @@ __device__ __forceinline__ void prefetch_operand(char* slots, int slot_off, cons
   }
 }
 
-template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS>
-__global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV>())
+template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool PRE>
+__global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV, PRE>())
     forward_reg_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
@@ -171,7 +173,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
   char* slots = fwd_slots + team * p.pre_slot_bytes;
-  const bool prefetch = p.pre_s >= 0 || p.pre_h >= 0;
+  constexpr bool prefetch = PRE;  // pre_s / pre_h >= 0 for at least one operand
   // The loop bound is uniform over the block, so every lane reaches every team_sum.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * TEAMS; base < p.rows;
        base += static_cast<int64_t>(gridDim.x) * TEAMS) {
@@ -194,17 +196,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV
       prefetch_operand<NV>(slots, p.pre_h, p.shift, p.shift_dtype, shift_idx, lane, TPR, p.dim_vecs, VEC);
       cp_async_commit();
     }
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      if (active && v < p.dim_vecs) {
-        float f[VEC];
-        unpack<XT, VEC>(xr[i], f);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
-      }
-    }
+    float ss = sum_squares<XT, VEC, NV>(xr, active, lane, TPR, p.dim_vecs);
     ss = team_sum<TPR>(ss, red);
     if (!active) continue;
     const float rstd = 1.f / sqrtf(ss * p.inv_dim + p.eps);
@@ -293,12 +285,9 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
   __shared__ float red[2][32];
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
-  const int64_t group = blockIdx.x / p.blocks_per_group;
-  const int64_t sub = blockIdx.x - group * p.blocks_per_group;
-  const int64_t group_begin = group * p.group_rows;
-  const int64_t group_end = min(group_begin + p.group_rows, p.rows);
-  const int64_t row_begin = min(group_begin + sub * p.rows_per_block, group_end);
-  const int64_t row_end = min(row_begin + p.rows_per_block, group_end);
+  const RowRange range = block_rows(p.rows, p.group_rows, p.blocks_per_group, p.rows_per_block);
+  const int64_t row_begin = range.begin;
+  const int64_t row_end = range.end;
 
   auto load_row = [&](int64_t row, Raw (&xr)[NV]) {
     const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
@@ -342,16 +331,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
 #pragma unroll
     for (int i = 0; i < NV; ++i) xr[i] = x_next[i];
     if (row + TEAMS < row_end) load_row(row + TEAMS, x_next);
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      if (active && lane + i * TPR < p.dim_vecs) {
-        float f[VEC];
-        unpack<XT, VEC>(xr[i], f);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
-      }
-    }
+    float ss = sum_squares<XT, VEC, NV>(xr, active, lane, TPR, p.dim_vecs);
     if constexpr (TEAMS == 1) {
       ss = team_sum_rt<0>(ss, red[parity]);
       parity ^= 1;
@@ -477,17 +457,7 @@ __global__ void __launch_bounds__(rows_block_threads(NV), rows_min_blocks(NV, PR
       __syncthreads();
       cache_pending = false;
     }
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      if (active && v < p.dim_vecs) {
-        float f[VEC];
-        unpack<XT, VEC>(xr[i], f);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) ss += f[e] * f[e];
-      }
-    }
+    float ss = sum_squares<XT, VEC, NV>(xr, active, lane, TPR, p.dim_vecs);
     ss = team_sum<TPR>(ss, nullptr);
     if (!active) continue;
     const float rstd = 1.f / sqrtf(ss * p.inv_dim + p.eps);

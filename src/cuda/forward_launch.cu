@@ -210,7 +210,8 @@ struct ForwardImpl {
       }
       const bool done = visit_block_row_config(a.dim_vecs, [&](auto config) {
         using C = decltype(config);
-        auto kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams>;
+        auto kernel =
+            cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, false>;
         // Slots for per-token scale/shift rows, prefetched with x by cp.async: those are a
         // second DRAM stream, and waiting for them after the row sum put two memory latencies in
         // series (ltx2b-i2v 78% -> 86%). Weight and shared rows stay L1 reads: copying them per
@@ -230,6 +231,9 @@ struct ForwardImpl {
           slot_bytes = 0;
         }
         a.pre_slot_bytes = static_cast<int>(slot_bytes);
+        if (slot_bytes > 0) {
+          kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>;
+        }
         allow_dynamic_smem(reinterpret_cast<const void*>(kernel), size_t(slot_bytes) * C::kTeams);
         // A block per row: short blocks retire and are replaced while others still wait on
         // memory (measured faster than a persistent grid here). The kernel strides over rows,
