@@ -374,8 +374,10 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
 // PRE: per-token modulation of x's dtype whose rows are loaded into registers with x's.
 // Blocks of 256 threads; register budget 64 (128 with the modulation rows in registers too):
 // left alone, ptxas takes 70-100 to hoist the weight/modulation loads.
-__host__ __device__ constexpr int rows_block_threads(int nv) { return nv > 0 ? 256 : 256; }
-__host__ __device__ constexpr int rows_min_blocks(int nv, bool pre) { return nv > 4 ? 2 : (pre ? 2 : 4); }
+constexpr int kRowsBlockThreads = 256;
+__host__ __device__ constexpr int rows_min_blocks(int nv, bool pre) {
+  return nv > 4 ? 2 : (pre ? 2 : 4);
+}
 
 template <DType XT, int VEC>
 __device__ __forceinline__ void cache_operand(char* cache, int cache_off, const void* src,
@@ -391,12 +393,12 @@ __device__ __forceinline__ void cache_operand(char* cache, int cache_off, const 
 }
 
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, bool PRE>
-__global__ void __launch_bounds__(rows_block_threads(NV), rows_min_blocks(NV, PRE))
+__global__ void __launch_bounds__(kRowsBlockThreads, rows_min_blocks(NV, PRE))
     forward_rows_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(TPR <= 32, "teams are at most one warp");
   using Raw = XRaw<XT, VEC>;
   static_assert(sizeof(Raw) >= 8 || VEC == 1, "vector rows");
-  constexpr int kTeams = rows_block_threads(NV) / TPR;
+  constexpr int kTeams = kRowsBlockThreads / TPR;
   extern __shared__ __align__(16) char fwd_cache[];
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;

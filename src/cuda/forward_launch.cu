@@ -19,7 +19,7 @@ template <int NV, int TPR>
 struct Rows {
   static constexpr int kNV = NV;
   static constexpr int kTPR = TPR;
-  static constexpr int kThreads = cuda_detail::rows_block_threads(NV);
+  static constexpr int kThreads = cuda_detail::kRowsBlockThreads;
   static constexpr int kTeams = kThreads / TPR;
 };
 
