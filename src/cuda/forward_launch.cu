@@ -97,6 +97,7 @@ struct ForwardImpl {
     const int64_t vec_bytes_h = VEC * int64_t(dtype_size(p.shift.dtype));
     int64_t run = modulation_run(p);
     if (run < C::kTeams) run = 0;  // too few rows per modulation row to be worth a copy
+    if (run > 0 && p.rows / run > INT_MAX) run = 0;  // a tile per run would not fit the grid
     int64_t smem = 0;
     a.cache_w = a.cache_s = a.cache_h = -1;
     if (p.weight.present()) {
