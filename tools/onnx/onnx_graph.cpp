@@ -50,6 +50,13 @@ std::vector<double> decode_raw_16bit(const std::string& raw, bool is_bfloat16) {
   return values;
 }
 
+// A tensor's elements of storage type T: from raw_data when present, else from its typed field.
+template <typename T, typename Field>
+std::vector<double> decode_elements(const onnx::TensorProto& tensor, const Field& field) {
+  if (tensor.has_raw_data()) return decode_raw<T>(tensor.raw_data());
+  return std::vector<double>(field.begin(), field.end());
+}
+
 // Collects every tensor name a nested graph reads, so that outer-scope references from If/Loop/Scan
 // bodies count as uses. Names the body defines itself are counted too: over-counting can only make
 // the pass more cautious.
@@ -85,22 +92,16 @@ int64_t ConstantTensor::element_count() const {
 
 std::optional<std::vector<double>> tensor_values_as_double(const onnx::TensorProto& tensor) {
   if (tensor.data_location() == onnx::TensorProto::EXTERNAL) return std::nullopt;
-  const bool raw = tensor.has_raw_data();
-  const std::string& bytes = tensor.raw_data();
-  std::vector<double> values;
   switch (tensor.data_type()) {
     case onnx::TensorProto::FLOAT:
-      if (raw) return decode_raw<float>(bytes);
-      values.assign(tensor.float_data().begin(), tensor.float_data().end());
-      return values;
+      return decode_elements<float>(tensor, tensor.float_data());
     case onnx::TensorProto::DOUBLE:
-      if (raw) return decode_raw<double>(bytes);
-      values.assign(tensor.double_data().begin(), tensor.double_data().end());
-      return values;
+      return decode_elements<double>(tensor, tensor.double_data());
     case onnx::TensorProto::FLOAT16:
     case onnx::TensorProto::BFLOAT16: {
       const bool is_bfloat16 = tensor.data_type() == onnx::TensorProto::BFLOAT16;
-      if (raw) return decode_raw_16bit(bytes, is_bfloat16);
+      if (tensor.has_raw_data()) return decode_raw_16bit(tensor.raw_data(), is_bfloat16);
+      std::vector<double> values;
       for (int32_t bits : tensor.int32_data()) {
         const auto bits16 = static_cast<uint16_t>(bits);
         values.push_back(is_bfloat16 ? bfloat16_bits_to_double(bits16) : half_bits_to_double(bits16));
@@ -108,21 +109,13 @@ std::optional<std::vector<double>> tensor_values_as_double(const onnx::TensorPro
       return values;
     }
     case onnx::TensorProto::INT64:
-      if (raw) return decode_raw<int64_t>(bytes);
-      for (int64_t v : tensor.int64_data()) values.push_back(static_cast<double>(v));
-      return values;
+      return decode_elements<int64_t>(tensor, tensor.int64_data());
     case onnx::TensorProto::INT32:
-      if (raw) return decode_raw<int32_t>(bytes);
-      values.assign(tensor.int32_data().begin(), tensor.int32_data().end());
-      return values;
+      return decode_elements<int32_t>(tensor, tensor.int32_data());
     case onnx::TensorProto::INT8:
-      if (raw) return decode_raw<int8_t>(bytes);
-      values.assign(tensor.int32_data().begin(), tensor.int32_data().end());
-      return values;
+      return decode_elements<int8_t>(tensor, tensor.int32_data());
     case onnx::TensorProto::UINT8:
-      if (raw) return decode_raw<uint8_t>(bytes);
-      values.assign(tensor.int32_data().begin(), tensor.int32_data().end());
-      return values;
+      return decode_elements<uint8_t>(tensor, tensor.int32_data());
     default:
       return std::nullopt;
   }
