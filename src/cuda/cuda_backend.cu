@@ -317,19 +317,10 @@ struct BackwardImpl {
                             float* h_part, const float* rstd, cudaStream_t stream) {
     const ForwardPlan& p = bp.fwd;
     ColumnArgs a;
-    a.x = p.x;
+    set_common_args(a, p);
     a.dy = bp.dy;
     a.rstd = rstd;
-    a.x_row_stride = p.x_row_stride;
     a.dy_row_stride = bp.dy_row_stride;
-    a.dim = static_cast<int>(p.dim);
-    a.weight = p.weight.present() ? p.weight.data : nullptr;
-    a.scale = p.scale.present() ? p.scale.data : nullptr;
-    a.weight_dtype = dtype_int(p.weight.dtype);
-    a.scale_dtype = dtype_int(p.scale.dtype);
-    a.offset = p.offset;
-    a.scale_offset = p.scale_offset;
-    a.scale_map = to_dev_map(p.scale_map);
     if (reduce_map != nullptr) a.reduce_map = to_dev_map(*reduce_map);
     a.reduce_all_rows = reduce_map == nullptr ? 1 : 0;
     a.rows_per_unit = c.rows_per_unit;
@@ -398,23 +389,14 @@ struct BackwardImpl {
 
     // 2. The row pass: dx, per-row modulation gradients, fused partials.
     BackwardArgs a;
-    a.x = p.x;
+    set_common_args(a, p);
     a.dy = bp.dy;
     a.rstd = rstd;
     a.dx = bp.need_dx ? grads.dx : nullptr;
     a.rows = p.rows;
-    a.x_row_stride = p.x_row_stride;
     a.dy_row_stride = bp.dy_row_stride;
-    a.dim = static_cast<int>(p.dim);
-    a.weight = p.weight.present() ? p.weight.data : nullptr;
-    a.scale = p.scale.present() ? p.scale.data : nullptr;
-    a.weight_dtype = dtype_int(p.weight.dtype);
-    a.scale_dtype = dtype_int(p.scale.dtype);
     a.shift_dtype = dtype_int(p.shift.dtype);
-    a.offset = p.offset;
-    a.scale_offset = p.scale_offset;
     a.inv_dim = 1.f / static_cast<float>(p.dim);
-    a.scale_map = to_dev_map(p.scale_map);
     a.shift_map = to_dev_map(p.shift_map);
     a.dscale_direct = l.dscale == GradRoute::kDirect ? grads.dscale : nullptr;
     a.dshift_direct = l.dshift == GradRoute::kDirect ? grads.dshift : nullptr;

@@ -263,23 +263,14 @@ struct ForwardImpl {
   static void run(const ForwardPlan& p, void* y, float* rstd, cudaStream_t stream) {
     require_int_dim(p.dim);
     ForwardArgs a;
-    a.x = p.x;
+    set_common_args(a, p);
     a.y = y;
     a.rstd = rstd;
     a.rows = p.rows;
-    a.x_row_stride = p.x_row_stride;
-    a.dim = static_cast<int>(p.dim);
-    a.weight = p.weight.present() ? p.weight.data : nullptr;
-    a.scale = p.scale.present() ? p.scale.data : nullptr;
     a.shift = p.shift.present() ? p.shift.data : nullptr;
-    a.weight_dtype = dtype_int(p.weight.dtype);
-    a.scale_dtype = dtype_int(p.scale.dtype);
     a.shift_dtype = dtype_int(p.shift.dtype);
     a.eps = p.eps;
-    a.offset = p.offset;
-    a.scale_offset = p.scale_offset;
     a.inv_dim = 1.f / static_cast<float>(p.dim);
-    a.scale_map = to_dev_map(p.scale_map);
     a.shift_map = to_dev_map(p.shift_map);
     constexpr int kVec = vector_width<XT>();
     if (rows_vectorizable(p, kVec, nullptr, 0)) {

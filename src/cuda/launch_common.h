@@ -58,6 +58,21 @@ inline void require_int_dim(int64_t dim) {
   }
 }
 
+// The plan's fields every kernel argument struct (forward, backward, column) carries alike.
+template <typename Args>
+void set_common_args(Args& a, const ForwardPlan& p) {
+  a.x = p.x;
+  a.x_row_stride = p.x_row_stride;
+  a.dim = static_cast<int>(p.dim);
+  a.weight = p.weight.present() ? p.weight.data : nullptr;
+  a.scale = p.scale.present() ? p.scale.data : nullptr;
+  a.weight_dtype = dtype_int(p.weight.dtype);
+  a.scale_dtype = dtype_int(p.scale.dtype);
+  a.offset = p.offset;
+  a.scale_offset = p.scale_offset;
+  a.scale_map = to_dev_map(p.scale_map);
+}
+
 // Rows whose x (and dy) rows, weight and modulation all allow 16-byte vectors of x's dtype.
 inline bool rows_vectorizable(const ForwardPlan& p, int vec, const void* dy, int64_t dy_row_stride) {
   const int64_t es = static_cast<int64_t>(dtype_size(p.x_dtype));
