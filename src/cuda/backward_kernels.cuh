@@ -120,8 +120,8 @@ __device__ __forceinline__ float backward_vector(const BackwardArgs& p, const fl
                                                  float* acc_h) {
   float w[VEC], m[VEC];
   const int64_t col = static_cast<int64_t>(v) * VEC;
-  load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-  load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+  load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
   float dot = 0.f;
   float direct[VEC];
 #pragma unroll
@@ -155,8 +155,8 @@ __device__ __forceinline__ void store_dx(const BackwardArgs& p, const float* xf,
                                          void* dxrow) {
   float w[VEC], m[VEC], out[VEC];
   const int64_t col = static_cast<int64_t>(v) * VEC;
-  load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-  load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+  load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
 #pragma unroll
   for (int e = 0; e < VEC; ++e) out[e] = rstd * (gf[e] * m[e] * w[e] - xf[e] * rstd * c);
   store_elems<XT, VEC>(dxrow, col, out, p.dx_vectorized != 0);
@@ -294,16 +294,20 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
   const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row_begin) : 0;
   const bool want_s = p.dweight_partials != nullptr || p.dscale_partials != nullptr;
 
+  // w and m of this thread's vector v (the block's constants).
+  auto load_w_m = [&](int v, float (&w)[VEC], float (&m)[VEC]) {
+    if (v < p.dim_vecs) {
+      const int64_t col = static_cast<int64_t>(v) * VEC;
+      load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+      load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+    }
+  };
   float mw[NV][VEC], acc_s[NV][VEC], acc_h[NV][VEC];
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int v = lane + i * TPR;
     float w[VEC], m[VEC];
-    if (v < p.dim_vecs) {
-      load_affine<VEC>(p.weight, p.weight_dtype, p.offset, static_cast<int64_t>(v) * VEC, w);
-      load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset,
-                      scale_idx + static_cast<int64_t>(v) * VEC, m);
-    }
+    load_w_m(v, w, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       mw[i][e] = v < p.dim_vecs ? m[e] * w[e] : 0.f;
@@ -396,11 +400,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
   for (int i = 0; i < NV; ++i) {
     const int v = lane + i * TPR;
     float w[VEC], m[VEC];
-    if (v < p.dim_vecs) {
-      load_affine<VEC>(p.weight, p.weight_dtype, p.offset, static_cast<int64_t>(v) * VEC, w);
-      load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset,
-                      scale_idx + static_cast<int64_t>(v) * VEC, m);
-    }
+    load_w_m(v, w, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       if (v < p.dim_vecs) {
@@ -430,8 +430,8 @@ __device__ __forceinline__ void pipe_scale(const BackwardArgs& p, const char* st
 #pragma unroll
     for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
   } else {
-    load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset,
-                    scale_idx + static_cast<int64_t>(v) * VEC, m);
+    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset,
+                     scale_idx + static_cast<int64_t>(v) * VEC, m);
   }
 }
 
@@ -445,7 +445,7 @@ __device__ __forceinline__ void pipe_weight(const BackwardArgs& p, const char* c
 #pragma unroll
     for (int e = 0; e < VEC; ++e) w[e] += p.offset;
   } else {
-    load_affine<VEC>(p.weight, p.weight_dtype, p.offset, static_cast<int64_t>(v) * VEC, w);
+    load_factor<VEC>(p.weight, p.weight_dtype, p.offset, static_cast<int64_t>(v) * VEC, w);
   }
 }
 
@@ -651,8 +651,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>()
         unpack<XT, VEC>(xraw, xf);
         unpack<XT, VEC>(graw, gf);
         const int64_t col = static_cast<int64_t>(v) * VEC;
-        load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-        load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+        load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+        load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) dot += gf[e] * m[e] * w[e] * (xf[e] * rstd);
       }
@@ -726,7 +726,7 @@ __global__ void __launch_bounds__(kColumnLanes* kColumnRowLanes)
   float acc_w[VEC], acc_s[VEC], acc_h[VEC], w[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc_w[e] = acc_s[e] = acc_h[e] = 0.f;
-  if (col_active) load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  if (col_active) load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
 
   if (col_active) {
     for (int64_t k = k_begin + ty; k < k_end; k += kColumnRowLanes) {
@@ -740,7 +740,7 @@ __global__ void __launch_bounds__(kColumnLanes* kColumnRowLanes)
       if (p.dweight_partials != nullptr) {
         float m[VEC];
         const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row) : 0;
-        load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+        load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc_w[e] += gf[e] * m[e] * weight_factor<M, XT>(xf[e] * rstd);
       }

@@ -44,30 +44,18 @@ struct ForwardArgs {
   int pre_s = -1, pre_h = -1, pre_slot_bytes = 0;
 };
 
-// w = offset + weight (1 without weight), m = scale_offset + scale (1), h = shift (0).
+// A multiplicative factor of VEC columns: offset + operand, or 1 when the operand is absent
+// (w = offset + weight, m = scale_offset + scale). The shift, h, is load_shift (0 when absent).
 template <int VEC>
-__device__ __forceinline__ void load_affine(const void* weight, int weight_dtype, float offset,
-                                            int64_t col, float* w) {
-  if (weight != nullptr) {
-    load_any<VEC>(weight, weight_dtype, col, w);
+__device__ __forceinline__ void load_factor(const void* operand, int dtype, float offset,
+                                            int64_t idx, float* out) {
+  if (operand != nullptr) {
+    load_any<VEC>(operand, dtype, idx, out);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) w[e] += offset;
+    for (int e = 0; e < VEC; ++e) out[e] += offset;
   } else {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) w[e] = 1.f;
-  }
-}
-
-template <int VEC>
-__device__ __forceinline__ void load_scale(const void* scale, int scale_dtype, float scale_offset,
-                                           int64_t idx, float* m) {
-  if (scale != nullptr) {
-    load_any<VEC>(scale, scale_dtype, idx, m);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) m[e] += scale_offset;
-  } else {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) m[e] = 1.f;
+    for (int e = 0; e < VEC; ++e) out[e] = 1.f;
   }
 }
 
@@ -90,8 +78,8 @@ __device__ __forceinline__ void forward_vector(const ForwardArgs& p, const XRaw<
   float xf[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
   unpack<XT, VEC>(xraw, xf);
   const int64_t col = static_cast<int64_t>(v) * VEC;
-  load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-  load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+  load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
   load_shift<VEC>(p.shift, p.shift_dtype, shift_idx + col, h);
 #pragma unroll
   for (int e = 0; e < VEC; ++e) out[e] = norm_value<M, XT>(xf[e] * rstd, w[e]) * m[e] + h[e];
@@ -122,14 +110,14 @@ __device__ __forceinline__ void forward_vector_slots(const ForwardArgs& p, const
   float xf[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
   unpack<XT, VEC>(xraw, xf);
   const int64_t col = static_cast<int64_t>(v) * VEC;
-  load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
   if (p.pre_s >= 0) {
     load_plain_any<VEC>(slots + p.pre_s + v * VEC * (p.scale_dtype == kDtF32 ? 4 : 2),
                         p.scale_dtype, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
   } else {
-    load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
   }
   if (p.pre_h >= 0) {
     load_plain_any<VEC>(slots + p.pre_h + v * VEC * (p.shift_dtype == kDtF32 ? 4 : 2),
@@ -310,8 +298,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
       const int64_t col = static_cast<int64_t>(v) * VEC;
       float w[VEC] = {}, m[VEC] = {};
       if (v < p.dim_vecs) {
-        load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-        load_scale<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+        load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+        load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
         if constexpr (SHIFT) load_any<VEC>(p.shift, p.shift_dtype, shift_idx + col, h[i]);
       } else if constexpr (SHIFT) {
 #pragma unroll
@@ -477,7 +465,7 @@ __global__ void __launch_bounds__(kRowsBlockThreads, rows_min_blocks(NV, PRE))
 #pragma unroll
         for (int e = 0; e < VEC; ++e) w[e] += p.offset;
       } else {
-        load_affine<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+        load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
       }
       if (p.scale == nullptr) {
 #pragma unroll
