@@ -321,12 +321,9 @@ std::optional<int64_t> GraphIndex::rank(const std::string& tensor) const {
       if (type->tensor_type().has_shape()) return type->tensor_type().shape().dim_size();
     }
     if (const auto* init = initializer(current)) return init->dims_size();
-    const int index = producer(current);
-    if (index < 0) return std::nullopt;
-    const auto& node = graph_.node(index);
-    // Only ops that keep the shape exactly; broadcasting ops could change the rank.
-    if (node.op_type() != "Cast" && node.op_type() != "Identity") return std::nullopt;
-    current = node.input(0);
+    auto input = same_shape_input(current);
+    if (!input) return std::nullopt;
+    current = *input;
   }
   return std::nullopt;
 }
@@ -341,13 +338,20 @@ std::optional<int64_t> GraphIndex::last_dim(const std::string& tensor) const {
         if (dim.has_dim_value()) return dim.dim_value();
       }
     }
-    const int index = producer(current);
-    if (index < 0) return std::nullopt;
-    const auto& node = graph_.node(index);
-    if (node.op_type() != "Cast" && node.op_type() != "Identity") return std::nullopt;
-    current = node.input(0);
+    auto input = same_shape_input(current);
+    if (!input) return std::nullopt;
+    current = *input;
   }
   return std::nullopt;
+}
+
+std::optional<std::string> GraphIndex::same_shape_input(const std::string& tensor) const {
+  const int index = producer(tensor);
+  if (index < 0) return std::nullopt;
+  const auto& node = graph_.node(index);
+  // Only ops that keep the shape exactly; broadcasting ops could change the rank.
+  if (node.op_type() != "Cast" && node.op_type() != "Identity") return std::nullopt;
+  return node.input(0);
 }
 
 }  // namespace modnorm_onnx

@@ -58,6 +58,8 @@ class GraphIndex {
  private:
   const onnx::TypeProto* declared_type(const std::string& tensor) const;
   const onnx::TensorProto* initializer(const std::string& tensor) const;
+  // The input of the Cast/Identity producing `tensor` (same shape), or nullopt.
+  std::optional<std::string> same_shape_input(const std::string& tensor) const;
 
   const onnx::GraphProto& graph_;
   std::map<std::string, int> producer_;
