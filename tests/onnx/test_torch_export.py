@@ -90,13 +90,19 @@ def test_legacy_export_float16_llama_casts(affine, tmp_path):
     assert attribute(fused_nodes(rewritten)[0], "norm_type") == onnx.TensorProto.FLOAT16
 
 
+def torch_rmsnorm_block(affine):
+    """A modulated block around torch.nn.RMSNorm, with a weight away from ones when it has one."""
+    block = ModulatedBlock(torch.nn.RMSNorm(D, eps=1e-6, elementwise_affine=affine))
+    if affine:
+        with torch.no_grad():
+            block.norm.weight.uniform_(0.5, 1.5)
+    return block
+
+
 @pytest.mark.parametrize("affine", [False, True])
 def test_dynamo_export_decomposed(affine, tmp_path):
     pytest.importorskip("onnxscript")
-    block = ModulatedBlock(torch.nn.RMSNorm(D, eps=1e-6, elementwise_affine=affine))
-    with torch.no_grad():
-        if affine:
-            block.norm.weight.uniform_(0.5, 1.5)
+    block = torch_rmsnorm_block(affine)
     model, opset = export(block, torch.float32, 18, True)
     assert opset < 23 and "ReduceMean" in op_types(model)
     check_one_modulated_node(model, tmp_path, "ModulatedRMSNorm" + ("Affine" if affine else "") + "Shift")
@@ -107,10 +113,7 @@ def test_dynamo_export_rmsnormalization_folds_modulation(affine, tmp_path):
     """Opset 23: the exporter writes RMSNormalization (weight=None as a ones tensor); the modulation after
     it is folded in."""
     pytest.importorskip("onnxscript")
-    block = ModulatedBlock(torch.nn.RMSNorm(D, eps=1e-6, elementwise_affine=affine))
-    with torch.no_grad():
-        if affine:
-            block.norm.weight.uniform_(0.5, 1.5)
+    block = torch_rmsnorm_block(affine)
     model, opset = export(block, torch.float32, 23, True)
     assert opset >= 23 and "RMSNormalization" in op_types(model)
     rewritten, report = check_one_modulated_node(
