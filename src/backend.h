@@ -17,6 +17,16 @@ void cuda_backward(const BackwardPlan& plan, const float* rstd, const Gradients&
                    void* workspace, size_t workspace_bytes, void* stream);
 #endif
 
+// Whether two modulation maps send every x row to the same gradient row (same sizes and
+// gradient strides): one column pass can then reduce both gradients.
+inline bool same_map(const RowMap& a, const RowMap& b) {
+  if (a.ndim != b.ndim) return false;
+  for (int i = 0; i < a.ndim; ++i) {
+    if (a.size[i] != b.size[i] || a.grad_stride[i] != b.grad_stride[i]) return false;
+  }
+  return true;
+}
+
 // Runs body over [0, n) through the installed parallel-for (the built-in pool by default).
 void parallel_for(int64_t n, void* ctx, ParallelBody body);
 

@@ -287,14 +287,6 @@ int64_t segments_for(const RowMap& map) {
 
 bool shared(const RowMap& m) { return m.rows_per_distinct > 1; }
 
-bool same_map(const RowMap& a, const RowMap& b) {
-  if (a.ndim != b.ndim) return false;
-  for (int i = 0; i < a.ndim; ++i) {
-    if (a.size[i] != b.size[i] || a.grad_stride[i] != b.grad_stride[i]) return false;
-  }
-  return true;
-}
-
 template <DType T, CastingMode M>
 struct SharedGradJob {
   const BackwardPlan* bp;

@@ -121,14 +121,6 @@ ColumnPlan plan_column(int64_t distinct, int64_t rows_per_unit, int64_t dim_vecs
   return c;
 }
 
-bool same_map(const RowMap& a, const RowMap& b) {
-  if (a.ndim != b.ndim) return false;
-  for (int i = 0; i < a.ndim; ++i) {
-    if (a.size[i] != b.size[i] || a.grad_stride[i] != b.grad_stride[i]) return false;
-  }
-  return true;
-}
-
 template <DType XT, CastingMode M>
 struct BackwardImpl {
   static constexpr int kVec = vector_width<XT>();
