@@ -363,9 +363,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
 // Blocks of 256 threads; register budget 64 (128 with the modulation rows in registers too):
 // left alone, ptxas takes 70-100 to hoist the weight/modulation loads.
 constexpr int kRowsBlockThreads = 256;
-__host__ __device__ constexpr int rows_min_blocks(int nv, bool pre) {
-  return nv > 4 ? 2 : (pre ? 2 : 4);
-}
+__host__ __device__ constexpr int rows_min_blocks(bool pre) { return pre ? 2 : 4; }
 
 template <DType XT, int VEC>
 __device__ __forceinline__ void cache_operand(char* cache, int cache_off, const void* src,
@@ -381,7 +379,7 @@ __device__ __forceinline__ void cache_operand(char* cache, int cache_off, const 
 }
 
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, bool PRE>
-__global__ void __launch_bounds__(kRowsBlockThreads, rows_min_blocks(NV, PRE))
+__global__ void __launch_bounds__(kRowsBlockThreads, rows_min_blocks(PRE))
     forward_rows_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(TPR <= 32, "teams are at most one warp");
   using Raw = XRaw<XT, VEC>;

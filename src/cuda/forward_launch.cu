@@ -120,18 +120,12 @@ struct ForwardImpl {
         run = 0;
       }
     }
-    const bool pre = run == 0 && C::kNV <= 8 && preload_modulation(p);
-    const void* kernel = nullptr;
-    if constexpr (C::kNV <= 8) {
-      if (pre) {
-        kernel = reinterpret_cast<const void*>(
-            cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, true>);
-      }
-    }
-    if (kernel == nullptr) {
-      kernel = reinterpret_cast<const void*>(
-          cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, false>);
-    }
+    const bool pre = run == 0 && preload_modulation(p);
+    const void* kernel =
+        pre ? reinterpret_cast<const void*>(
+                  cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, true>)
+            : reinterpret_cast<const void*>(
+                  cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, false>);
     // Tiles: a few rows per team, as many as leave at least two waves of blocks.
     const int occupancy = blocks_per_sm(device, kernel, C::kThreads, size_t(smem));
     const int64_t wave_rows = int64_t(info.sm_count) * occupancy * C::kTeams;
