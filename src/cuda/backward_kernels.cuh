@@ -512,9 +512,9 @@ __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ?
   const char* cache = bwd_pipe_mem;
   const bool cached = p.cache_w >= 0 || p.cache_s >= 0;
   if (cached) {
-    cache_operand<XT, VEC>(bwd_pipe_mem, p.cache_w, p.weight, p.weight_dtype, 0, p.dim_vecs);
-    cache_operand<XT, VEC>(bwd_pipe_mem, p.cache_s, p.scale, p.scale_dtype,
-                           p.cache_s >= 0 ? map_offset(p.scale_map, row_begin) : 0, p.dim_vecs);
+    cache_operand<VEC>(bwd_pipe_mem, p.cache_w, p.weight, p.weight_dtype, 0, p.dim_vecs);
+    cache_operand<VEC>(bwd_pipe_mem, p.cache_s, p.scale, p.scale_dtype,
+                       p.cache_s >= 0 ? map_offset(p.scale_map, row_begin) : 0, p.dim_vecs);
     cp_async_commit();
   }
 

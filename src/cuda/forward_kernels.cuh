@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
 constexpr int kRowsBlockThreads = 256;
 __host__ __device__ constexpr int rows_min_blocks(bool pre) { return pre ? 2 : 4; }
 
-template <DType XT, int VEC>
+template <int VEC>
 __device__ __forceinline__ void cache_operand(char* cache, int cache_off, const void* src,
                                               int dtype, int64_t elem_idx, int dim_vecs) {
   if (cache_off < 0) return;
@@ -403,9 +403,9 @@ __global__ void __launch_bounds__(kRowsBlockThreads, rows_min_blocks(PRE))
   // Cached rows: the tile's first row stands for all of them (same run).
   const int64_t tile_scale_idx = p.cache_s >= 0 ? map_offset(p.scale_map, begin) : 0;
   const int64_t tile_shift_idx = p.cache_h >= 0 ? map_offset(p.shift_map, begin) : 0;
-  cache_operand<XT, VEC>(fwd_cache, p.cache_w, p.weight, p.weight_dtype, 0, p.dim_vecs);
-  cache_operand<XT, VEC>(fwd_cache, p.cache_s, p.scale, p.scale_dtype, tile_scale_idx, p.dim_vecs);
-  cache_operand<XT, VEC>(fwd_cache, p.cache_h, p.shift, p.shift_dtype, tile_shift_idx, p.dim_vecs);
+  cache_operand<VEC>(fwd_cache, p.cache_w, p.weight, p.weight_dtype, 0, p.dim_vecs);
+  cache_operand<VEC>(fwd_cache, p.cache_s, p.scale, p.scale_dtype, tile_scale_idx, p.dim_vecs);
+  cache_operand<VEC>(fwd_cache, p.cache_h, p.shift, p.shift_dtype, tile_shift_idx, p.dim_vecs);
   cp_async_commit();
   bool cache_pending = p.cache_w >= 0 || p.cache_s >= 0 || p.cache_h >= 0;
   const int w_bytes = VEC * (p.weight_dtype == kDtF32 ? 4 : 2);
