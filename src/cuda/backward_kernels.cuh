@@ -68,6 +68,8 @@ struct BackwardArgs {
   // Pipe kernel: byte offsets in dynamic shared memory of the weight and of the one scale row
   // every row of the block reads, copied there once per block (-1: read through L1).
   int cache_w = -1, cache_s = -1;
+  // backward_const_kernel<RING>: x and dy rows stream through this many shared-memory stages.
+  int ring_stages = 0;
 };
 
 template <int THREADS>
@@ -277,14 +279,22 @@ constexpr int backward_const_min_blocks() {
   return THREADS >= 512 ? 1 : 512 / THREADS;
 }
 
-template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS>
+// RING (sm_90+, block-wide teams): x and dy rows come through p.ring_stages shared-memory stages
+// filled by thread 0's bulk copies (device_utils.cuh) instead of one row ahead in registers, so a
+// block keeps several rows in flight (wan14b forward+backward 78 -> 84% of its floor).
+constexpr int kMaxRingStages = 8;
+
+template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool RING = false>
 __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TEAMS>())
     backward_const_kernel(const __grid_constant__ BackwardArgs p) {
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   static_assert(M != CastingMode::kGemma, "gemma's dscale does not factor");
+  static_assert(!RING || TEAMS == 1, "rings serve block-wide teams");
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[32];
-  extern __shared__ float team_partials[];  // [TEAMS][dim], only when TEAMS > 1
+  // [TEAMS][dim] team partials when TEAMS > 1; the ring's stages (x row, then dy row) with RING.
+  extern __shared__ __align__(16) float team_partials[];
+  __shared__ uint64_t ring_full[RING ? kMaxRingStages : 1];
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
 
@@ -329,10 +339,30 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     }
   };
 
-  // The next row's x and dy travel one row ahead in registers.
-  Raw x_next[NV], g_next[NV];
+  // The next row's x and dy travel one row ahead in registers (RING: stages ahead in shared
+  // memory), and so does its rstd.
+  char* ring = reinterpret_cast<char*>(team_partials);
+  const unsigned row_bytes = static_cast<unsigned>(p.dim_vecs) * 16u;
+  const int stages = p.ring_stages;
+  auto ring_issue = [&](int slot, int64_t row) {
+    char* stage = ring + slot * 2 * row_bytes;
+    mbar_expect_bytes(&ring_full[slot], 2 * row_bytes);
+    bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes, &ring_full[slot]);
+    bulk_copy_to_shared(stage + row_bytes, elem_ptr<XT>(p.dy, row * p.dy_row_stride), row_bytes,
+                        &ring_full[slot]);
+  };
+  RingCursor cursor;
+  Raw x_next[RING ? 1 : NV], g_next[RING ? 1 : NV];
   float rstd_next = 0.f;
-  if (row_begin + team < row_end) {
+  if constexpr (RING) {
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < stages; ++s) mbar_init(&ring_full[s], 1);
+      fence_mbar_init();
+      for (int s = 0; s < stages && row_begin + s < row_end; ++s) ring_issue(s, row_begin + s);
+    }
+    if (row_begin < row_end) rstd_next = p.rstd[row_begin];
+    __syncthreads();  // the barriers are initialized before any thread waits on them
+  } else if (row_begin + team < row_end) {
     load_row(row_begin + team, x_next, g_next);
     rstd_next = p.rstd[row_begin + team];
   }
@@ -341,15 +371,30 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     const int64_t row = base + team;
     const bool active = row < row_end;
     Raw xr[NV], gr[NV];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      xr[i] = x_next[i];
-      gr[i] = g_next[i];
-    }
     const float rstd = rstd_next;
-    if (row + TEAMS < row_end) {
-      load_row(row + TEAMS, x_next, g_next);
-      rstd_next = p.rstd[row + TEAMS];
+    if constexpr (RING) {
+      if (row + 1 < row_end) rstd_next = p.rstd[row + 1];
+      mbar_wait(&ring_full[cursor.slot], cursor.parity);
+      const Raw* staged_x = reinterpret_cast<const Raw*>(ring + cursor.slot * 2 * row_bytes);
+      const Raw* staged_g = reinterpret_cast<const Raw*>(ring + cursor.slot * 2 * row_bytes + row_bytes);
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (v < p.dim_vecs) {
+          xr[i] = staged_x[v];
+          gr[i] = staged_g[v];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        xr[i] = x_next[i];
+        gr[i] = g_next[i];
+      }
+      if (row + TEAMS < row_end) {
+        load_row(row + TEAMS, x_next, g_next);
+        rstd_next = p.rstd[row + TEAMS];
+      }
     }
 
     float dot = 0.f;
@@ -378,6 +423,11 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       }
     }
     const float c = team_sum<TPR>(dot, red) * p.inv_dim;
+    if constexpr (RING) {
+      // Past the sum's barriers every thread holds this stage's rows in registers: refill it.
+      if (threadIdx.x == 0 && row + stages < row_end) ring_issue(cursor.slot, row + stages);
+      cursor.next(stages);
+    }
     if (active && p.dx != nullptr) {
       void* dxrow = elem_ptr<XT>(p.dx, row * static_cast<int64_t>(p.dim));
 #pragma unroll

@@ -96,6 +96,7 @@ struct BackwardLayout {
   int stages = 2, stage_bytes = 0, m_stage_off = 0, m_vec_bytes = 0, partials_smem = 0;
   int cache_w = -1, cache_s = -1;  // pipe kernel: weight / shared scale row in shared memory
   bool const_mod = false;           // backward_const_kernel instead of backward_reg_kernel
+  int ring_stages = 0;              // backward_const_kernel<RING>: x/dy stages in shared memory
   int64_t blocks = 0, groups = 1, group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   GradRoute dweight = GradRoute::kNone, dscale = GradRoute::kNone, dshift = GradRoute::kNone;
   bool shift_with_scale = false;  // one column pass computes both
@@ -125,7 +126,7 @@ template <DType XT, CastingMode M>
 struct BackwardImpl {
   static constexpr int kVec = vector_width<XT>();
 
-  static BackwardLayout layout(const BackwardPlan& bp) {
+  static BackwardLayout layout(const BackwardPlan& bp, bool allow_ring = true) {
     const ForwardPlan& p = bp.fwd;
     const int device = p.device.index;
     const cuda_detail::DeviceInfo& info = device_info(device);
@@ -150,10 +151,8 @@ struct BackwardImpl {
       const bool stage_m = p.scale.present() && p.scale_map.rows_per_distinct == 1;
       // Experiment switch (performance log): MODNORM_BACKWARD_KERNEL=pipe takes the pipe kernel
       // for every row length it has a shape for.
-      static const std::string forced = [] {
-        const char* v = std::getenv("MODNORM_BACKWARD_KERNEL");
-        return std::string(v != nullptr ? v : "");
-      }();
+      static const std::string forced = env_switch("MODNORM_BACKWARD_KERNEL");
+      static const int forced_stages = env_int("MODNORM_BWD_RING_STAGES", 0);
       const bool force_pipe = forced == "pipe";
       // Rows of a block that read one scale row (checked again once blocks are grouped) take
       // backward_const_kernel; MODNORM_BACKWARD_KERNEL=reg turns it off for comparisons.
@@ -198,6 +197,38 @@ struct BackwardImpl {
           l.reg_path = true;
           l.pipe = true;
         });
+      }
+      // Blocks of one scale row on sm_90+ stream x and dy through a ring of shared-memory
+      // stages (MODNORM_BACKWARD_KERNEL=const: one row ahead in registers instead).
+      if constexpr (M != CastingMode::kGemma) {
+        if (!l.reg_path && const_candidate && allow_ring && forced != "const" && dv > 64 &&
+            info.cc_major >= 9) {
+          visit_backward_config<kVec>(dv, [&](auto config) {
+            using C = decltype(config);
+            if constexpr (C::kTeams == 1) {  // dv > 64: block-wide shapes only
+              const void* ring_kernel = reinterpret_cast<const void*>(
+                  cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true>);
+              const int64_t stage_bytes = 2 * int64_t(dv) * 16;
+              // Stages so that the blocks the registers allow keep ~64 KB in flight per SM.
+              const int reg_blocks = blocks_per_sm(device, ring_kernel, C::kThreads, 0);
+              int stages = forced_stages > 0
+                               ? forced_stages
+                               : 1 + int(ceil_div(64 * 1024, reg_blocks * stage_bytes));
+              stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
+              while (stages > 2 && stages * stage_bytes + kStaticSmemReserve > info.max_smem_optin) {
+                --stages;
+              }
+              if (stages * stage_bytes + kStaticSmemReserve > info.max_smem_optin) return;
+              kernel = ring_kernel;
+              l.ring_stages = stages;
+              l.reg_smem = size_t(stages * stage_bytes);
+              l.threads = C::kThreads;
+              l.teams = 1;
+              l.const_mod = true;
+              l.reg_path = true;
+            }
+          });
+        }
       }
       if (!l.reg_path) {
         l.reg_path = visit_backward_config<kVec>(dv, [&](auto config) {
@@ -276,6 +307,7 @@ struct BackwardImpl {
       if (!one_scale_row_per_block) {
         l.cache_s = -1;
         l.const_mod = false;
+        if (l.ring_stages > 0) return layout(bp, false);  // plan the register kernel instead
       }
     }
 
@@ -429,6 +461,19 @@ struct BackwardImpl {
             kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
             check_launch("modnorm backward_pipe_kernel");
           });
+        } else if (l.ring_stages > 0) {
+          if constexpr (M != CastingMode::kGemma) {
+            visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
+              using C = decltype(config);
+              if constexpr (C::kTeams == 1) {
+                auto kernel = cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true>;
+                a.ring_stages = l.ring_stages;
+                allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
+                kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
+                check_launch("modnorm backward_const_kernel");
+              }
+            });
+          }
         } else {
           visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
             using C = decltype(config);

@@ -408,6 +408,69 @@ __device__ __forceinline__ void cp_async_wait_ring(int stages) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Row rings filled by bulk copies (TMA, sm_90+): one thread copies a whole contiguous row into a
+// shared-memory stage with one instruction and an mbarrier counts its bytes in, so a block keeps
+// several rows in flight without holding them in registers or spending issue slots on them.
+// Every address and size must be a multiple of 16 bytes.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count)
+               : "memory");
+}
+// Makes initialized barriers visible to the async proxy (the bulk copies' completions).
+__device__ __forceinline__ void fence_mbar_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+// Waits for the barrier's phase `parity` to complete.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#else
+  __trap();  // rings are only launched on sm_90+
+#endif
+}
+// bytes from global `src` into shared `dst`, completing on `bar`.
+__device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes,
+                                                    uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+#endif
+}
+
+// A ring of row stages and its position: stage `slot` holds its `use`-th row, whose barrier
+// phase parity is use & 1.
+struct RingCursor {
+  int slot = 0;
+  unsigned parity = 0;
+  __device__ __forceinline__ void next(int stages) {
+    if (++slot == stages) {
+      slot = 0;
+      parity ^= 1u;
+    }
+  }
+};
+
 // N elements of dtype T from shared memory (or any generic address) with plain loads.
 template <DType T, int N>
 __device__ __forceinline__ void load_plain(const char* ptr, float* f) {

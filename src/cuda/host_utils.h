@@ -52,6 +52,7 @@ class DeviceGuard {
 struct DeviceInfo {
   int sm_count = 1;
   size_t max_smem_optin = 48 * 1024;  // dynamic + static shared memory one block may use
+  int cc_major = 0;                    // compute capability (9: Hopper's bulk copies)
 };
 
 inline const DeviceInfo& device_info(int device) {
@@ -68,6 +69,9 @@ inline const DeviceInfo& device_info(int device) {
   check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
   info.max_smem_optin = static_cast<size_t>(value);
+  check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrComputeCapabilityMajor, device),
+             "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  info.cc_major = value;
   return cache.emplace(device, info).first->second;
 }
 

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <climits>
+#include <cstdlib>
+#include <string>
 
 #include "../backend.h"
 #include "forward_kernels.cuh"
@@ -87,6 +89,19 @@ inline bool rows_vectorizable(const ForwardPlan& p, int vec, const void* dy, int
   return cuda_detail::operand_vectorizable(p.weight, vec, nullptr) &&
          cuda_detail::operand_vectorizable(p.scale, vec, &p.scale_map) &&
          cuda_detail::operand_vectorizable(p.shift, vec, &p.shift_map);
+}
+
+// Experiment switches (performance log), read once per process: the environment variable's text,
+// or "" when unset.
+inline std::string env_switch(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? std::string(v) : std::string();
+}
+// An integer switch, or `fallback` when unset or not a positive number.
+inline int env_int(const char* name, int fallback) {
+  const std::string v = env_switch(name);
+  const int n = v.empty() ? 0 : std::atoi(v.c_str());
+  return n > 0 ? n : fallback;
 }
 
 inline int round_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b * b); }
