@@ -826,20 +826,54 @@ __global__ void __launch_bounds__(kColumnLanes* kColumnRowLanes)
 constexpr int kFinalizeCols = 32;
 constexpr int kFinalizeLanes = 32;
 
-// out[group * dest_row_stride][j] = sum over k < parts, in order per lane then lanes in order,
-// of partials[(group * parts + k) * dim + j]. Block = (column tile, group).
+// One reduction: out[group * dest_row_stride][j] = the sum over k < parts of
+// partials[(group * parts + k) * dim + j].
+struct FinalizeJob {
+  const float* partials = nullptr;
+  void* out = nullptr;
+  int64_t groups = 0, parts = 0, dest_row_stride = 0;
+  int out_dtype = 0;
+};
+constexpr int kMaxFinalizeJobs = 3;  // dweight, dscale, dshift
+// The reductions of one backward call share a launch: blocks [first_block[i], first_block[i+1])
+// serve job i, each one (column tile, group) of it (three launches of a few us each cost flux
+// about 10 us per backward, next to a ~57 us backward kernel).
+struct FinalizeArgs {
+  FinalizeJob job[kMaxFinalizeJobs];
+  int64_t first_block[kMaxFinalizeJobs + 1] = {};
+  int64_t dim = 0, col_tiles = 0;
+  int jobs = 0;
+};
+
+// Each lane sums its parts k = ty, ty + lanes, ... with four loads in flight (accumulators by k
+// modulo four strides, combined in a fixed order), then the lanes' sums are added in lane order:
+// the order depends on the shape alone, so results are bitwise reproducible.
 __global__ void __launch_bounds__(kFinalizeCols* kFinalizeLanes)
-    finalize_kernel(const float* __restrict__ partials, int64_t parts, int64_t dim,
-                    int64_t col_tiles, int64_t dest_row_stride, void* out, int out_dtype) {
+    finalize_kernel(const __grid_constant__ FinalizeArgs a) {
   __shared__ float lane_sums[kFinalizeLanes][kFinalizeCols + 1];
+  int which = 0;
+  while (which + 1 < a.jobs && blockIdx.x >= a.first_block[which + 1]) ++which;
+  const FinalizeJob& job = a.job[which];
+  const int64_t block = blockIdx.x - a.first_block[which];
   const int tx = threadIdx.x % kFinalizeCols;
   const int ty = threadIdx.x / kFinalizeCols;
-  const int64_t group = blockIdx.x / col_tiles;
-  const int64_t j = (blockIdx.x % col_tiles) * kFinalizeCols + tx;
+  const int64_t group = block / a.col_tiles;
+  const int64_t j = (block % a.col_tiles) * kFinalizeCols + tx;
+  const int64_t dim = a.dim;
   float s = 0.f;
   if (j < dim) {
-    const float* src = partials + group * parts * dim + j;
-    for (int64_t k = ty; k < parts; k += kFinalizeLanes) s += src[k * dim];
+    const float* src = job.partials + group * job.parts * dim + j;
+    constexpr int L = kFinalizeLanes;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    int64_t k = ty;
+    for (; k + 3 * L < job.parts; k += 4 * L) {
+      s0 += src[k * dim];
+      s1 += src[(k + L) * dim];
+      s2 += src[(k + 2 * L) * dim];
+      s3 += src[(k + 3 * L) * dim];
+    }
+    for (; k < job.parts; k += L) s0 += src[k * dim];
+    s = (s0 + s1) + (s2 + s3);
   }
   lane_sums[ty][tx] = s;
   __syncthreads();
@@ -847,7 +881,7 @@ __global__ void __launch_bounds__(kFinalizeCols* kFinalizeLanes)
     float t = 0.f;
 #pragma unroll 8
     for (int l = 0; l < kFinalizeLanes; ++l) t += lane_sums[l][tx];
-    store_any<1>(out, out_dtype, group * dest_row_stride * dim + j, &t, false);
+    store_any<1>(job.out, job.out_dtype, group * job.dest_row_stride * dim + j, &t, false);
   }
 }
 

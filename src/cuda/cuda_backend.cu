@@ -372,17 +372,29 @@ struct BackwardImpl {
     }
   }
 
-  static void finalize(const float* partials, int64_t groups, int64_t parts, int64_t dim,
-                       int64_t dest_row_stride, void* out, DType out_dtype, cudaStream_t stream) {
-    const int64_t col_tiles = ceil_div(dim, cuda_detail::kFinalizeCols);
-    const int64_t grid = groups * col_tiles;
+  // Queues one fixed-order reduction of partials; launch_finalize runs the queue in one launch.
+  static void finalize(cuda_detail::FinalizeArgs& f, const float* partials, int64_t groups,
+                       int64_t parts, int64_t dest_row_stride, void* out, DType out_dtype) {
+    cuda_detail::FinalizeJob& job = f.job[f.jobs];
+    job.partials = partials;
+    job.groups = groups;
+    job.parts = parts;
+    job.dest_row_stride = dest_row_stride;
+    job.out = out;
+    job.out_dtype = dtype_int(out_dtype);
+    f.first_block[f.jobs + 1] = f.first_block[f.jobs] + groups * f.col_tiles;
+    ++f.jobs;
+  }
+
+  static void launch_finalize(const cuda_detail::FinalizeArgs& f, cudaStream_t stream) {
+    if (f.jobs == 0) return;
+    const int64_t grid = f.first_block[f.jobs];
     if (grid > INT_MAX) {
       throw Error(Error::Kind::kValue, "modnorm CUDA backend: gradient too large to reduce");
     }
     cuda_detail::finalize_kernel<<<static_cast<unsigned>(grid),
                                    cuda_detail::kFinalizeCols * cuda_detail::kFinalizeLanes, 0,
-                                   stream>>>(partials, parts, dim, col_tiles, dest_row_stride,
-                                             out, dtype_int(out_dtype));
+                                   stream>>>(f);
     check_launch("modnorm finalize_kernel");
   }
 
@@ -514,23 +526,27 @@ struct BackwardImpl {
       }
     }
 
-    // 3. Fixed-order sums of the partials.
+    // 3. Fixed-order sums of the partials, in one launch.
+    cuda_detail::FinalizeArgs fin;
+    fin.dim = p.dim;
+    fin.col_tiles = ceil_div(p.dim, cuda_detail::kFinalizeCols);
     if (l.dweight == GradRoute::kFused) {
-      finalize(w_part, 1, l.blocks, p.dim, 0, grads.dweight, p.weight.dtype, stream);
+      finalize(fin, w_part, 1, l.blocks, 0, grads.dweight, p.weight.dtype);
     } else if (l.dweight == GradRoute::kColumn) {
-      finalize(w_part, 1, l.col_w.segments, p.dim, 0, grads.dweight, p.weight.dtype, stream);
+      finalize(fin, w_part, 1, l.col_w.segments, 0, grads.dweight, p.weight.dtype);
     }
     auto finish_modulation = [&](GradRoute route, const ColumnPlan& c, const RowMap& map,
                                  float* part, void* out, DType dtype) {
       if (route == GradRoute::kFused) {
         const int64_t dest_stride = map.ndim > 0 ? map.grad_stride[0] : 0;
-        finalize(part, l.groups, l.blocks_per_group, p.dim, dest_stride, out, dtype, stream);
+        finalize(fin, part, l.groups, l.blocks_per_group, dest_stride, out, dtype);
       } else if (route == GradRoute::kColumn) {
-        finalize(part, c.distinct, c.segments, p.dim, 1, out, dtype, stream);
+        finalize(fin, part, c.distinct, c.segments, 1, out, dtype);
       }
     };
     finish_modulation(l.dscale, l.col_s, p.scale_map, s_part, grads.dscale, p.scale.dtype);
     finish_modulation(l.dshift, l.col_h, p.shift_map, h_part, grads.dshift, p.shift.dtype);
+    launch_finalize(fin, stream);
   }
 };
 
