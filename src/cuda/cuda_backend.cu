@@ -1,12 +1,15 @@
 // CUDA backend: launch planning for the backward kernels (forward_launch.cu has the forward).
 //
 // Paths, chosen from the plan alone:
-//   backward: up to 1024 16-byte vectors per row, backward_reg_kernel, or backward_pipe_kernel
-//             (rows streamed through a cp.async ring) for per-token scale and short rows, computing
-//             dx, dweight partials, per-row dscale/dshift, and fused partials for shared blocked
-//             (per-sample / per-frame / groups) modulation; everything else goes through the
-//             read-only column_grad_kernel first and backward_loop_kernel for dx.
-// Every reduction over rows writes fixed partials that finalize_kernel sums in a fixed order, and
+//   backward: up to 1024 16-byte vectors per row, backward_const_kernel when every row of a block
+//             reads one scale row (on sm_90+ its block-wide rows stream x and dy through a ring
+//             of bulk copies), backward_pipe_kernel (rows streamed through a cp.async ring) for
+//             per-token scale and short rows, else backward_reg_kernel, computing dx, dweight
+//             partials, per-row dscale/dshift, and fused partials for shared blocked (per-sample /
+//             per-frame / groups) modulation; everything else goes through the read-only
+//             column_grad_kernel first and backward_loop_kernel for dx.
+// Every reduction over rows writes fixed partials that finalize_kernel sums (all of one backward
+// in one launch) in a fixed order, and
 // the partial layout is a function of the shape and the device only: results are bitwise
 // reproducible, with no atomics.
 #include <climits>
