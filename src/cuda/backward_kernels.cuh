@@ -282,14 +282,19 @@ constexpr int backward_const_min_blocks() {
 // RING (sm_90+, block-wide teams): x and dy rows come through p.ring_stages shared-memory stages
 // filled by thread 0's bulk copies (device_utils.cuh) instead of one row ahead in registers, so a
 // block keeps several rows in flight (wan14b forward+backward 78 -> 84% of its floor).
+// TOKEN (with RING): per-token scale rows, the third row of each stage. The weight stays in
+// registers, m comes per row: dscale = g * weight_factor(xhat) * w is written per row and the
+// dweight partial sums g * m * weight_factor(xhat).
 constexpr int kMaxRingStages = 8;
 
-template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool RING = false>
+template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool RING = false,
+          bool TOKEN = false>
 __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TEAMS>())
     backward_const_kernel(const __grid_constant__ BackwardArgs p) {
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   static_assert(M != CastingMode::kGemma, "gemma's dscale does not factor");
   static_assert(!RING || TEAMS == 1, "rings serve block-wide teams");
+  static_assert(!TOKEN || RING, "per-token scale rows come through the ring");
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[32];
   // [TEAMS][dim] team partials when TEAMS > 1; the ring's stages (x row, then dy row) with RING.
@@ -301,15 +306,16 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
   const RowRange range = block_rows(p.rows, p.group_rows, p.blocks_per_group, p.rows_per_block);
   const int64_t row_begin = range.begin;
   const int64_t row_end = range.end;
-  const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row_begin) : 0;
+  const int64_t scale_idx =
+      p.scale != nullptr && !TOKEN ? map_offset(p.scale_map, row_begin) : 0;
   const bool want_s = p.dweight_partials != nullptr || p.dscale_partials != nullptr;
 
-  // w and m of this thread's vector v (the block's constants).
+  // w and m of this thread's vector v (the block's constants; TOKEN: m = 1 here, per row below).
   auto load_w_m = [&](int v, float (&w)[VEC], float (&m)[VEC]) {
     if (v < p.dim_vecs) {
       const int64_t col = static_cast<int64_t>(v) * VEC;
       load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-      load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+      load_factor<VEC>(TOKEN ? nullptr : p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
     }
   };
   float mw[NV][VEC], acc_s[NV][VEC], acc_h[NV][VEC];
@@ -343,13 +349,20 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
   // memory), and so does its rstd.
   char* ring = reinterpret_cast<char*>(team_partials);
   const unsigned row_bytes = static_cast<unsigned>(p.dim_vecs) * 16u;
+  const int scale_bytes = p.scale_dtype == kDtF32 ? 4 : 2;
+  const unsigned m_row_bytes = TOKEN ? static_cast<unsigned>(p.dim * scale_bytes) : 0u;
+  const unsigned stage_bytes = 2 * row_bytes + m_row_bytes;
   const int stages = p.ring_stages;
   auto ring_issue = [&](int slot, int64_t row) {
-    char* stage = ring + slot * 2 * row_bytes;
-    mbar_expect_bytes(&ring_full[slot], 2 * row_bytes);
+    char* stage = ring + slot * stage_bytes;
+    mbar_expect_bytes(&ring_full[slot], stage_bytes);
     bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes, &ring_full[slot]);
     bulk_copy_to_shared(stage + row_bytes, elem_ptr<XT>(p.dy, row * p.dy_row_stride), row_bytes,
                         &ring_full[slot]);
+    if constexpr (TOKEN) {
+      const char* m_row = static_cast<const char*>(p.scale) + map_offset(p.scale_map, row) * scale_bytes;
+      bulk_copy_to_shared(stage + 2 * row_bytes, m_row, m_row_bytes, &ring_full[slot]);
+    }
   };
   RingCursor cursor;
   Raw x_next[RING ? 1 : NV], g_next[RING ? 1 : NV];
@@ -371,12 +384,17 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     const int64_t row = base + team;
     const bool active = row < row_end;
     Raw xr[NV], gr[NV];
+    // TOKEN: this row's m * w, kept until dx (the stage is refilled after the sum).
+    float mw_row[TOKEN ? NV : 1][VEC];
+    const char* staged_m = nullptr;
     const float rstd = rstd_next;
     if constexpr (RING) {
       if (row + 1 < row_end) rstd_next = p.rstd[row + 1];
       mbar_wait(&ring_full[cursor.slot], cursor.parity);
-      const Raw* staged_x = reinterpret_cast<const Raw*>(ring + cursor.slot * 2 * row_bytes);
-      const Raw* staged_g = reinterpret_cast<const Raw*>(ring + cursor.slot * 2 * row_bytes + row_bytes);
+      const char* stage = ring + cursor.slot * stage_bytes;
+      const Raw* staged_x = reinterpret_cast<const Raw*>(stage);
+      const Raw* staged_g = reinterpret_cast<const Raw*>(stage + row_bytes);
+      staged_m = stage + 2 * row_bytes;
 #pragma unroll
       for (int i = 0; i < NV; ++i) {
         const int v = lane + i * TPR;
@@ -400,6 +418,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     float dot = 0.f;
     if (active) {
       const int64_t dshift_row = p.dshift_direct != nullptr ? map_grad_row(p.shift_map, row) : 0;
+      const int64_t dscale_row = TOKEN ? map_grad_row(p.scale_map, row) : 0;
 #pragma unroll
       for (int i = 0; i < NV; ++i) {
         const int v = lane + i * TPR;
@@ -407,12 +426,33 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
           float xf[VEC], gf[VEC];
           unpack<XT, VEC>(xr[i], xf);
           unpack<XT, VEC>(gr[i], gf);
+          if constexpr (TOKEN) {
+            float m[VEC], ds[VEC];
+            load_plain_any<VEC>(staged_m + v * VEC * scale_bytes, p.scale_dtype, m);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const float xhat = xf[e] * rstd;
-            dot += gf[e] * mw[i][e] * xhat;
-            if (want_s) acc_s[i][e] += gf[e] * weight_factor<M, XT>(xhat);
-            if (p.dshift_partials != nullptr) acc_h[i][e] += gf[e];
+            for (int e = 0; e < VEC; ++e) {
+              m[e] += p.scale_offset;
+              mw_row[i][e] = m[e] * mw[i][e];  // mw holds w alone
+              const float xhat = xf[e] * rstd;
+              const float wf = weight_factor<M, XT>(xhat);
+              dot += gf[e] * mw_row[i][e] * xhat;
+              if (p.dweight_partials != nullptr) acc_s[i][e] += gf[e] * m[e] * wf;
+              if (p.dshift_partials != nullptr) acc_h[i][e] += gf[e];
+              ds[e] = gf[e] * wf * mw[i][e];
+            }
+            if (p.dscale_direct != nullptr) {
+              store_any<VEC>(p.dscale_direct, p.scale_dtype,
+                             dscale_row * p.dim + static_cast<int64_t>(v) * VEC, ds,
+                             p.dscale_vectorized != 0);
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const float xhat = xf[e] * rstd;
+              dot += gf[e] * mw[i][e] * xhat;
+              if (want_s) acc_s[i][e] += gf[e] * weight_factor<M, XT>(xhat);
+              if (p.dshift_partials != nullptr) acc_h[i][e] += gf[e];
+            }
           }
           if (p.dshift_direct != nullptr) {
             store_any<VEC>(p.dshift_direct, p.shift_dtype,
@@ -438,24 +478,36 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
           unpack<XT, VEC>(xr[i], xf);
           unpack<XT, VEC>(gr[i], gf);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) out[e] = rstd * (gf[e] * mw[i][e] - xf[e] * rstd * c);
+          for (int e = 0; e < VEC; ++e) {
+            const float mwe = TOKEN ? mw_row[i][e] : mw[i][e];
+            out[e] = rstd * (gf[e] * mwe - xf[e] * rstd * c);
+          }
           store_elems<XT, VEC>(dxrow, static_cast<int64_t>(v) * VEC, out, p.dx_vectorized != 0);
         }
       }
     }
   }
 
-  // Products with the block's constant m and w, then the fixed-order block partials.
+  // Products with the block's constant m and w, then the fixed-order block partials (TOKEN:
+  // acc_s already is the dweight partial).
+  if constexpr (TOKEN) {
 #pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    const int v = lane + i * TPR;
-    float w[VEC], m[VEC];
-    load_w_m(v, w, m);
+    for (int i = 0; i < NV; ++i) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      if (v < p.dim_vecs) {
-        mw[i][e] = acc_s[i][e] * m[e];  // dweight partial
-        acc_s[i][e] *= w[e];            // dscale partial
+      for (int e = 0; e < VEC; ++e) mw[i][e] = acc_s[i][e];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * TPR;
+      float w[VEC], m[VEC];
+      load_w_m(v, w, m);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (v < p.dim_vecs) {
+          mw[i][e] = acc_s[i][e] * m[e];  // dweight partial
+          acc_s[i][e] *= w[e];            // dscale partial
+        }
       }
     }
   }

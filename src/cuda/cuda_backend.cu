@@ -3,8 +3,9 @@
 // Paths, chosen from the plan alone:
 //   backward: up to 1024 16-byte vectors per row, backward_const_kernel when every row of a block
 //             reads one scale row (on sm_90+ its block-wide rows stream x and dy through a ring
-//             of bulk copies), backward_pipe_kernel (rows streamed through a cp.async ring) for
-//             per-token scale and short rows, else backward_reg_kernel, computing dx, dweight
+//             of bulk copies; per-token scale rows too, as a third row of each stage),
+//             backward_pipe_kernel (rows streamed through a cp.async ring) for other per-token
+//             scale and short rows, else backward_reg_kernel, computing dx, dweight
 //             partials, per-row dscale/dshift, and fused partials for shared blocked (per-sample /
 //             per-frame / groups) modulation; everything else goes through the read-only
 //             column_grad_kernel first and backward_loop_kernel for dx.
@@ -100,6 +101,7 @@ struct BackwardLayout {
   int cache_w = -1, cache_s = -1;  // pipe kernel: weight / shared scale row in shared memory
   bool const_mod = false;           // backward_const_kernel instead of backward_reg_kernel
   int ring_stages = 0;              // backward_const_kernel<RING>: x/dy stages in shared memory
+  bool token = false;               // ... with per-token scale rows in the stages (TOKEN)
   int64_t blocks = 0, groups = 1, group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   GradRoute dweight = GradRoute::kNone, dscale = GradRoute::kNone, dshift = GradRoute::kNone;
   bool shift_with_scale = false;  // one column pass computes both
@@ -123,6 +125,17 @@ ColumnPlan plan_column(int64_t distinct, int64_t rows_per_unit, int64_t dim_vecs
   c.segments = std::max<int64_t>(1, ceil_div(rows_per_unit, c.rows_per_segment));
   c.units = distinct * c.segments;
   return c;
+}
+
+// Per-token scale rows a bulk copy can fetch: 16-byte aligned start and length on every row.
+bool scale_rows_bulk_copyable(const ForwardPlan& p) {
+  if (!p.scale.present()) return false;
+  const int64_t es = static_cast<int64_t>(dtype_size(p.scale.dtype));
+  if (!cuda_detail::aligned_to(p.scale.data, 16) || (p.dim * es) % 16 != 0) return false;
+  for (int i = 0; i < p.scale_map.ndim; ++i) {
+    if ((p.scale_map.stride[i] * es) % 16 != 0) return false;
+  }
+  return true;
 }
 
 template <DType XT, CastingMode M>
@@ -162,7 +175,47 @@ struct BackwardImpl {
       const bool const_candidate =
           M != CastingMode::kGemma && forced != "reg" &&
           (!p.scale.present() || (p.scale_map.blocked && p.scale_map.rows_per_distinct > 1));
-      if (stage_m || force_pipe || (dv <= 32 && !const_candidate)) {
+      // On sm_90+, block-wide rows of backward_const_kernel stream x and dy (and per-token scale
+      // rows, TOKEN) through a ring of bulk-copy stages: blocks of one scale row, or per-token
+      // scale rows whose start and length are 16-byte aligned. MODNORM_BACKWARD_KERNEL=const keeps
+      // rows in registers (and per-token scale on the pipe kernel), =pipe or =reg skip the ring.
+      const bool token_ring = stage_m && forced != "reg" && scale_rows_bulk_copyable(p);
+      if constexpr (M != CastingMode::kGemma) {
+        if ((const_candidate || token_ring) && allow_ring && forced != "const" && !force_pipe &&
+            dv > 64 && info.cc_major >= 9) {
+          visit_backward_config<kVec>(dv, [&](auto config) {
+            using C = decltype(config);
+            if constexpr (C::kTeams == 1) {  // dv > 64: block-wide shapes only
+              const void* ring_kernel =
+                  token_ring ? reinterpret_cast<const void*>(cuda_detail::backward_const_kernel<
+                                   XT, M, kVec, C::kNV, C::kTPR, 1, true, true>)
+                             : reinterpret_cast<const void*>(cuda_detail::backward_const_kernel<
+                                   XT, M, kVec, C::kNV, C::kTPR, 1, true, false>);
+              const int64_t stage_bytes =
+                  2 * int64_t(dv) * 16 + (token_ring ? p.dim * int64_t(dtype_size(p.scale.dtype)) : 0);
+              // Stages so that the blocks the registers allow keep ~64 KB in flight per SM.
+              const int reg_blocks = blocks_per_sm(device, ring_kernel, C::kThreads, 0);
+              int stages = forced_stages > 0
+                               ? forced_stages
+                               : 1 + int(ceil_div(64 * 1024, reg_blocks * stage_bytes));
+              stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
+              while (stages > 2 && stages * stage_bytes + kStaticSmemReserve > info.max_smem_optin) {
+                --stages;
+              }
+              if (stages * stage_bytes + kStaticSmemReserve > info.max_smem_optin) return;
+              kernel = ring_kernel;
+              l.ring_stages = stages;
+              l.token = token_ring;
+              l.reg_smem = size_t(stages * stage_bytes);
+              l.threads = C::kThreads;
+              l.teams = 1;
+              l.const_mod = true;
+              l.reg_path = true;
+            }
+          });
+        }
+      }
+      if (!l.reg_path && (stage_m || force_pipe || (dv <= 32 && !const_candidate))) {
         visit_backward_pipe(dv, [&](auto shape) {
           using S = decltype(shape);
           const int threads = pipe_threads(dv, S::kNV, S::kTPR);
@@ -200,38 +253,6 @@ struct BackwardImpl {
           l.reg_path = true;
           l.pipe = true;
         });
-      }
-      // Blocks of one scale row on sm_90+ stream x and dy through a ring of shared-memory
-      // stages (MODNORM_BACKWARD_KERNEL=const: one row ahead in registers instead).
-      if constexpr (M != CastingMode::kGemma) {
-        if (!l.reg_path && const_candidate && allow_ring && forced != "const" && dv > 64 &&
-            info.cc_major >= 9) {
-          visit_backward_config<kVec>(dv, [&](auto config) {
-            using C = decltype(config);
-            if constexpr (C::kTeams == 1) {  // dv > 64: block-wide shapes only
-              const void* ring_kernel = reinterpret_cast<const void*>(
-                  cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true>);
-              const int64_t stage_bytes = 2 * int64_t(dv) * 16;
-              // Stages so that the blocks the registers allow keep ~64 KB in flight per SM.
-              const int reg_blocks = blocks_per_sm(device, ring_kernel, C::kThreads, 0);
-              int stages = forced_stages > 0
-                               ? forced_stages
-                               : 1 + int(ceil_div(64 * 1024, reg_blocks * stage_bytes));
-              stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
-              while (stages > 2 && stages * stage_bytes + kStaticSmemReserve > info.max_smem_optin) {
-                --stages;
-              }
-              if (stages * stage_bytes + kStaticSmemReserve > info.max_smem_optin) return;
-              kernel = ring_kernel;
-              l.ring_stages = stages;
-              l.reg_smem = size_t(stages * stage_bytes);
-              l.threads = C::kThreads;
-              l.teams = 1;
-              l.const_mod = true;
-              l.reg_path = true;
-            }
-          });
-        }
       }
       if (!l.reg_path) {
         l.reg_path = visit_backward_config<kVec>(dv, [&](auto config) {
@@ -307,7 +328,7 @@ struct BackwardImpl {
       const bool one_scale_row_per_block =
           !p.scale.present() || p.scale_map.rows_per_distinct == p.rows ||
           l.group_rows == p.scale_map.rows_per_distinct;
-      if (!one_scale_row_per_block) {
+      if (!one_scale_row_per_block && !l.token) {
         l.cache_s = -1;
         l.const_mod = false;
         if (l.ring_stages > 0) return layout(bp, false);  // plan the register kernel instead
@@ -481,7 +502,9 @@ struct BackwardImpl {
             visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
               using C = decltype(config);
               if constexpr (C::kTeams == 1) {
-                auto kernel = cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true>;
+                auto kernel =
+                    l.token ? cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true, true>
+                            : cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true, false>;
                 a.ring_stages = l.ring_stages;
                 allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
                 kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
