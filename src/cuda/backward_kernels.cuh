@@ -112,6 +112,23 @@ __device__ __forceinline__ void write_block_partials(const float (&acc)[NV][VEC]
   __syncthreads();
 }
 
+// This lane's NV vectors lane + i * tpr of row `row` of x (through the read-only cache) and of dy
+// (plain loads: dy's memory may be the dx the kernel writes).
+template <DType XT, typename Raw, int NV>
+__device__ __forceinline__ void load_x_dy_row(const BackwardArgs& p, int64_t row, int lane,
+                                              int tpr, Raw (&xr)[NV], Raw (&gr)[NV]) {
+  const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
+  const Raw* grow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.dy, row * p.dy_row_stride));
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * tpr;
+    if (v < p.dim_vecs) {
+      xr[i] = __ldg(xrow + v);
+      gr[i] = grow[v];
+    }
+  }
+}
+
 // Per-vector gradient math shared by the register and loop kernels: returns this vector's share
 // of sum(a * xhat), accumulates partials and writes direct modulation gradients as asked.
 template <DType XT, CastingMode M, int VEC, bool kAccumulate>
@@ -185,25 +202,14 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>()
     for (int e = 0; e < VEC; ++e) acc_w[i][e] = acc_s[i][e] = acc_h[i][e] = 0.f;
   }
 
-  auto load_row = [&](int64_t row, Raw (&xr)[NV], Raw (&gr)[NV]) {
-    const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
-    // dy is read with plain loads: its memory may be the dx this kernel writes.
-    const Raw* grow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.dy, row * p.dy_row_stride));
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      if (v < p.dim_vecs) {
-        xr[i] = __ldg(xrow + v);
-        gr[i] = grow[v];
-      }
-    }
-  };
 
   // Prefetching the next row costs a second set of row registers; threads with 16 elements
   // would spill, and rely on the other resident warps to hide latency instead.
   constexpr bool kPrefetch = NV * VEC <= 8;
   Raw x_next[NV], g_next[NV];
-  if (kPrefetch && row_begin + team < row_end) load_row(row_begin + team, x_next, g_next);
+  if (kPrefetch && row_begin + team < row_end) {
+    load_x_dy_row<XT>(p, row_begin + team, lane, TPR, x_next, g_next);
+  }
 
   for (int64_t base = row_begin; base < row_end; base += TEAMS) {
     const int64_t row = base + team;
@@ -215,9 +221,11 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>()
         xr[i] = x_next[i];
         gr[i] = g_next[i];
       }
-      if (row + TEAMS < row_end) load_row(row + TEAMS, x_next, g_next);
+      if (row + TEAMS < row_end) {
+        load_x_dy_row<XT>(p, row + TEAMS, lane, TPR, x_next, g_next);
+      }
     } else if (active) {
-      load_row(row, xr, gr);
+      load_x_dy_row<XT>(p, row, lane, TPR, xr, gr);
     }
 
     float dot = 0.f;
@@ -331,19 +339,6 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     }
   }
 
-  auto load_row = [&](int64_t row, Raw (&xr)[NV], Raw (&gr)[NV]) {
-    const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
-    // dy is read with plain loads: its memory may be the dx this kernel writes.
-    const Raw* grow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.dy, row * p.dy_row_stride));
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      if (v < p.dim_vecs) {
-        xr[i] = __ldg(xrow + v);
-        gr[i] = grow[v];
-      }
-    }
-  };
 
   // The next row's x and dy travel one row ahead in registers (RING: stages ahead in shared
   // memory), and so does its rstd.
@@ -376,7 +371,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     if (row_begin < row_end) rstd_next = p.rstd[row_begin];
     __syncthreads();  // the barriers are initialized before any thread waits on them
   } else if (row_begin + team < row_end) {
-    load_row(row_begin + team, x_next, g_next);
+    load_x_dy_row<XT>(p, row_begin + team, lane, TPR, x_next, g_next);
     rstd_next = p.rstd[row_begin + team];
   }
 
@@ -410,7 +405,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
         gr[i] = g_next[i];
       }
       if (row + TEAMS < row_end) {
-        load_row(row + TEAMS, x_next, g_next);
+        load_x_dy_row<XT>(p, row + TEAMS, lane, TPR, x_next, g_next);
         rstd_next = p.rstd[row + TEAMS];
       }
     }

@@ -312,6 +312,19 @@ __device__ __forceinline__ RowRange block_rows(int64_t rows, int64_t group_rows,
   return {begin, min(begin + rows_per_block, group_end)};
 }
 
+// This lane's NV vectors lane + i * tpr of the x row at element `offset`, through the read-only
+// cache; none when !active.
+template <DType XT, typename Raw, int NV>
+__device__ __forceinline__ void load_x_row(const void* x, int64_t offset, bool active, int lane,
+                                           int tpr, int dim_vecs, Raw (&xr)[NV]) {
+  const Raw* row = reinterpret_cast<const Raw*>(elem_ptr<XT>(x, offset));
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * tpr;
+    if (active && v < dim_vecs) xr[i] = __ldg(row + v);
+  }
+}
+
 // This thread's share of a row's sum of squares: its NV vectors lane + i * tpr of x.
 template <DType XT, int VEC, int NV, typename Raw>
 __device__ __forceinline__ float sum_squares(const Raw (&xr)[NV], bool active, int lane, int tpr,

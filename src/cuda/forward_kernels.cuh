@@ -169,14 +169,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV
     const bool active = row < p.rows;
     // x first: nothing may delay the row's main stream (computing the modulation offsets
     // before these loads cost 5-7 points on shared-modulation rows, v0.4 log).
-    const Raw* xrow =
-        reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, active ? row * p.x_row_stride : 0));
     Raw xr[NV];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      if (active && v < p.dim_vecs) xr[i] = __ldg(xrow + v);
-    }
+    load_x_row<XT>(p.x, active ? row * p.x_row_stride : 0, active, lane, TPR, p.dim_vecs, xr);
     const int64_t scale_idx = (active && p.scale != nullptr) ? map_offset(p.scale_map, row) : 0;
     const int64_t shift_idx = (active && p.shift != nullptr) ? map_offset(p.shift_map, row) : 0;
     if (prefetch && active) {
@@ -277,16 +271,10 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
   const int64_t row_begin = range.begin;
   const int64_t row_end = range.end;
 
-  auto load_row = [&](int64_t row, Raw (&xr)[NV]) {
-    const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      if (v < p.dim_vecs) xr[i] = __ldg(xrow + v);
-    }
-  };
   Raw x_next[NV];
-  if (row_begin + team < row_end) load_row(row_begin + team, x_next);
+  if (row_begin + team < row_end) {
+    load_x_row<XT>(p.x, (row_begin + team) * p.x_row_stride, true, lane, TPR, p.dim_vecs, x_next);
+  }
 
   float wm[NV][VEC], h[SHIFT ? NV : 1][VEC];
   {
@@ -318,7 +306,9 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
     Raw xr[NV];
 #pragma unroll
     for (int i = 0; i < NV; ++i) xr[i] = x_next[i];
-    if (row + TEAMS < row_end) load_row(row + TEAMS, x_next);
+    if (row + TEAMS < row_end) {
+      load_x_row<XT>(p.x, (row + TEAMS) * p.x_row_stride, true, lane, TPR, p.dim_vecs, x_next);
+    }
     float ss = sum_squares<XT, VEC, NV>(xr, active, lane, TPR, p.dim_vecs);
     if constexpr (TEAMS == 1) {
       ss = team_sum_rt<0>(ss, red[parity]);
@@ -416,14 +406,8 @@ __global__ void __launch_bounds__(kRowsBlockThreads, rows_min_blocks(PRE))
   for (int64_t base = begin; base < end; base += kTeams) {
     const int64_t row = base + team;
     const bool active = row < end;
-    const Raw* xrow =
-        reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, active ? row * p.x_row_stride : 0));
     Raw xr[NV];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      if (active && v < p.dim_vecs) xr[i] = __ldg(xrow + v);
-    }
+    load_x_row<XT>(p.x, active ? row * p.x_row_stride : 0, active, lane, TPR, p.dim_vecs, xr);
     int64_t scale_idx = tile_scale_idx, shift_idx = tile_shift_idx;
     if (p.cache_s < 0 && p.scale != nullptr && active) scale_idx = map_offset(p.scale_map, row);
     if (p.cache_h < 0 && p.shift != nullptr && active) shift_idx = map_offset(p.shift_map, row);
