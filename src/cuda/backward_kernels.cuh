@@ -323,7 +323,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     if (v < p.dim_vecs) {
       const int64_t col = static_cast<int64_t>(v) * VEC;
       load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-      load_factor<VEC>(TOKEN ? nullptr : p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+      load_factor<VEC>(TOKEN ? nullptr : p.scale, p.scale_dtype, p.scale_offset, scale_idx + col,
+                       m);
     }
   };
   float mw[NV][VEC], acc_s[NV][VEC], acc_h[NV][VEC];
@@ -351,11 +352,13 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
   auto ring_issue = [&](int slot, int64_t row) {
     char* stage = ring + slot * stage_bytes;
     mbar_expect_bytes(&ring_full[slot], stage_bytes);
-    bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes, &ring_full[slot]);
+    bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes,
+                        &ring_full[slot]);
     bulk_copy_to_shared(stage + row_bytes, elem_ptr<XT>(p.dy, row * p.dy_row_stride), row_bytes,
                         &ring_full[slot]);
     if constexpr (TOKEN) {
-      const char* m_row = static_cast<const char*>(p.scale) + map_offset(p.scale_map, row) * scale_bytes;
+      const char* m_row =
+          static_cast<const char*>(p.scale) + map_offset(p.scale_map, row) * scale_bytes;
       bulk_copy_to_shared(stage + 2 * row_bytes, m_row, m_row_bytes, &ring_full[slot]);
     }
   };

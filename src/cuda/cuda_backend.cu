@@ -191,18 +191,20 @@ struct BackwardImpl {
                                    XT, M, kVec, C::kNV, C::kTPR, 1, true, true>)
                              : reinterpret_cast<const void*>(cuda_detail::backward_const_kernel<
                                    XT, M, kVec, C::kNV, C::kTPR, 1, true, false>);
-              const int64_t stage_bytes =
-                  2 * int64_t(dv) * 16 + (token_ring ? p.dim * int64_t(dtype_size(p.scale.dtype)) : 0);
+              const int64_t m_row_bytes =
+                  token_ring ? p.dim * int64_t(dtype_size(p.scale.dtype)) : 0;
+              const int64_t stage_bytes = 2 * int64_t(dv) * 16 + m_row_bytes;
               // Stages so that the blocks the registers allow keep ~64 KB in flight per SM.
               const int reg_blocks = blocks_per_sm(device, ring_kernel, C::kThreads, 0);
               int stages = forced_stages > 0
                                ? forced_stages
                                : 1 + int(ceil_div(64 * 1024, reg_blocks * stage_bytes));
               stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
-              while (stages > 2 && stages * stage_bytes + kStaticSmemReserve > info.max_smem_optin) {
-                --stages;
-              }
-              if (stages * stage_bytes + kStaticSmemReserve > info.max_smem_optin) return;
+              auto fits = [&](int n) {
+                return n * stage_bytes + kStaticSmemReserve <= info.max_smem_optin;
+              };
+              while (stages > 2 && !fits(stages)) --stages;
+              if (!fits(stages)) return;
               kernel = ring_kernel;
               l.ring_stages = stages;
               l.token = token_ring;
@@ -502,9 +504,11 @@ struct BackwardImpl {
             visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
               using C = decltype(config);
               if constexpr (C::kTeams == 1) {
-                auto kernel =
-                    l.token ? cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true, true>
-                            : cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true, false>;
+                constexpr int NV = C::kNV, TPR = C::kTPR;
+                auto kernel = cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, 1, true>;
+                if (l.token) {
+                  kernel = cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, 1, true, true>;
+                }
                 a.ring_stages = l.ring_stages;
                 allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
                 kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
