@@ -59,6 +59,7 @@ struct BackwardArgs {
   int64_t group_rows = 0;
   int64_t blocks_per_group = 1;
   int64_t rows_per_block = 0;
+  int interleave = 0;  // backward_const_kernel: block_row_walk's interleaved order
   int staged = 0;  // loop kernel
   // Pipe kernel: dynamic shared memory = [team partials: partials_smem bytes][ring per team:
   // stages slots of stage_bytes: x vectors at 0, dy at g_stage_off, scale at m_stage_off when
@@ -311,9 +312,11 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
 
-  const RowRange range = block_rows(p.rows, p.group_rows, p.blocks_per_group, p.rows_per_block);
-  const int64_t row_begin = range.begin;
-  const int64_t row_end = range.end;
+  const RowWalk walk = block_row_walk<TEAMS>(p.rows, p.group_rows, p.blocks_per_group,
+                                             p.rows_per_block, p.interleave != 0);
+  const int64_t row_begin = walk.begin;
+  const int64_t row_end = walk.end;
+  const int64_t step = walk.step;
   const int64_t scale_idx =
       p.scale != nullptr && !TOKEN ? map_offset(p.scale_map, row_begin) : 0;
   const bool want_s = p.dweight_partials != nullptr || p.dscale_partials != nullptr;
@@ -369,7 +372,9 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     if (threadIdx.x == 0) {
       for (int s = 0; s < stages; ++s) mbar_init(&ring_full[s], 1);
       fence_mbar_init();
-      for (int s = 0; s < stages && row_begin + s < row_end; ++s) ring_issue(s, row_begin + s);
+      for (int s = 0; s < stages && row_begin + s * step < row_end; ++s) {
+        ring_issue(s, row_begin + s * step);
+      }
     }
     if (row_begin < row_end) rstd_next = p.rstd[row_begin];
     __syncthreads();  // the barriers are initialized before any thread waits on them
@@ -378,7 +383,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     rstd_next = p.rstd[row_begin + team];
   }
 
-  for (int64_t base = row_begin; base < row_end; base += TEAMS) {
+  for (int64_t base = row_begin; base < row_end; base += step) {
     const int64_t row = base + team;
     const bool active = row < row_end;
     Raw xr[NV], gr[NV];
@@ -387,7 +392,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     const char* staged_m = nullptr;
     const float rstd = rstd_next;
     if constexpr (RING) {
-      if (row + 1 < row_end) rstd_next = p.rstd[row + 1];
+      if (row + step < row_end) rstd_next = p.rstd[row + step];
       mbar_wait(&ring_full[cursor.slot], cursor.parity);
       const char* stage = ring + cursor.slot * stage_bytes;
       const Raw* staged_x = reinterpret_cast<const Raw*>(stage);
@@ -407,9 +412,9 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
         xr[i] = x_next[i];
         gr[i] = g_next[i];
       }
-      if (row + TEAMS < row_end) {
-        load_x_dy_row<XT>(p, row + TEAMS, lane, TPR, x_next, g_next);
-        rstd_next = p.rstd[row + TEAMS];
+      if (row + step < row_end) {
+        load_x_dy_row<XT>(p, row + step, lane, TPR, x_next, g_next);
+        rstd_next = p.rstd[row + step];
       }
     }
 
@@ -463,7 +468,9 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     const float c = team_sum<TPR>(dot, red) * p.inv_dim;
     if constexpr (RING) {
       // Past the sum's barriers every thread holds this stage's rows in registers: refill it.
-      if (threadIdx.x == 0 && row + stages < row_end) ring_issue(cursor.slot, row + stages);
+      if (threadIdx.x == 0 && row + stages * step < row_end) {
+        ring_issue(cursor.slot, row + stages * step);
+      }
       cursor.next(stages);
     }
     if (active && p.dx != nullptr) {
