@@ -37,6 +37,7 @@ struct ForwardArgs {
   // forward_const_kernel: block b = group * blocks_per_group + sub owns rows
   // [group * group_rows + sub * rows_per_block, + rows_per_block), clipped to its group.
   int64_t group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
+  int interleave = 0;  // block_row_walk: blocks of a group take turns row by row
   // Byte offsets of the cached weight / scale / shift rows in dynamic shared memory (-1: none).
   int cache_w = -1, cache_s = -1, cache_h = -1;
   // forward_reg_kernel: byte offsets of per-token scale / shift vectors in each team's
@@ -257,24 +258,49 @@ __host__ __device__ constexpr int forward_const_min_blocks() {
 }
 
 // TPR lanes per row: a block-wide team (TEAMS == 1, TPR == block size) or TEAMS teams of at most
-// a warp each, for short rows (their sums are shuffles only).
+// a warp each, for short rows (their sums are shuffles only). y must allow 16-byte stores.
+// Issue slots, not bytes in flight, set this kernel's pace (ncu, ltx13b: Liger's one-row-per-block
+// forward issues 13 instructions per element at 0.43 IPC per scheduler, this kernel issued 17 at
+// 0.50; more resident blocks with the constants in shared memory issued more and ran slower). So
+// the loop is straight-line code: vectors past the row's end hold zeros and only their stores
+// are predicated, addresses are one per row plus constant offsets, and xhat is rounded in pairs
+// (20.1M instead of 28.6M instructions on ltx13b, yet only 1 point faster: not the limit either).
+// What did pay: the interleaved row order (block_row_walk) and the L2 prefetch below.
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool SHIFT>
 __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, SHIFT, TPR * TEAMS>())
     forward_const_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(M != CastingMode::kGemma, "gemma's rounding does not fold the weight");
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
+  static_assert(VEC % 2 == 0, "pairs of elements");
   using Raw = XRaw<XT, VEC>;
+  constexpr int kVecBytes = VEC * elem_bytes<XT>();
   __shared__ float red[2][32];
   const int team = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
-  const RowRange range = block_rows(p.rows, p.group_rows, p.blocks_per_group, p.rows_per_block);
-  const int64_t row_begin = range.begin;
-  const int64_t row_end = range.end;
+  const RowWalk walk = block_row_walk<TEAMS>(p.rows, p.group_rows, p.blocks_per_group,
+                                             p.rows_per_block, p.interleave != 0);
+  const int64_t row_begin = walk.begin;
+  const int64_t row_end = walk.end;
+  bool has[NV];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) has[i] = lane + i * TPR < p.dim_vecs;
+  const char* x_lane = static_cast<const char*>(p.x) + static_cast<int64_t>(lane) * kVecBytes;
+  char* y_lane = static_cast<char*>(p.y) + static_cast<int64_t>(lane) * kVecBytes;
+  const int64_t x_row_bytes = p.x_row_stride * elem_bytes<XT>();
+  const int64_t y_row_bytes = static_cast<int64_t>(p.dim) * elem_bytes<XT>();
+  // Vectors past the row's end are never loaded and stay zero: they add nothing to the sum.
+  auto load_row = [&](int64_t row, Raw (&dst)[NV]) {
+    const char* src = x_lane + row * x_row_bytes;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      if (has[i]) dst[i] = __ldg(reinterpret_cast<const Raw*>(src + i * TPR * kVecBytes));
+    }
+  };
 
   Raw x_next[NV];
-  if (row_begin + team < row_end) {
-    load_x_row<XT>(p.x, (row_begin + team) * p.x_row_stride, true, lane, TPR, p.dim_vecs, x_next);
-  }
+#pragma unroll
+  for (int i = 0; i < NV; ++i) x_next[i] = Raw{};
+  if (row_begin + team < row_end) load_row(row_begin + team, x_next);
 
   float wm[NV][VEC], h[SHIFT ? NV : 1][VEC];
   {
@@ -282,16 +308,16 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
     const int64_t shift_idx = SHIFT ? map_offset(p.shift_map, row_begin) : 0;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      const int64_t col = static_cast<int64_t>(v) * VEC;
+      const int64_t col = static_cast<int64_t>(lane + i * TPR) * VEC;
       float w[VEC] = {}, m[VEC] = {};
-      if (v < p.dim_vecs) {
+      if constexpr (SHIFT) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) h[i][e] = 0.f;
+      }
+      if (has[i]) {
         load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
         load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
         if constexpr (SHIFT) load_any<VEC>(p.shift, p.shift_dtype, shift_idx + col, h[i]);
-      } else if constexpr (SHIFT) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) h[i][e] = 0.f;
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) wm[i][e] = w[e] * m[e];
@@ -300,42 +326,54 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
 
   int parity = 0;
   // Iterations are uniform over the block: every lane reaches every shuffle and barrier.
-  for (int64_t base = row_begin; base < row_end; base += TEAMS) {
+  for (int64_t base = row_begin; base < row_end; base += walk.step) {
     const int64_t row = base + team;
     const bool active = row < row_end;
     Raw xr[NV];
 #pragma unroll
     for (int i = 0; i < NV; ++i) xr[i] = x_next[i];
-    if (row + TEAMS < row_end) {
-      load_x_row<XT>(p.x, (row + TEAMS) * p.x_row_stride, true, lane, TPR, p.dim_vecs, x_next);
-    }
-    float ss = sum_squares<XT, VEC, NV>(xr, active, lane, TPR, p.dim_vecs);
+    if (row + walk.step < row_end) load_row(row + walk.step, x_next);
     if constexpr (TEAMS == 1) {
-      ss = team_sum_rt<0>(ss, red[parity]);
-      parity ^= 1;
-    } else {
-      ss = team_sum<TPR>(ss, nullptr);
+      // The row after next goes to L2 by one bulk prefetch (no registers): its register load
+      // next iteration then waits on L2, not DRAM (+2-3 points on ltx13b and wan14b).
+      if (threadIdx.x == 0 && row + 2 * walk.step < row_end) {
+        bulk_prefetch_l2(x_lane + (row + 2 * walk.step) * x_row_bytes,
+                         static_cast<unsigned>(p.dim_vecs) * kVecBytes);
+      }
     }
-    if (!active) continue;
-    const float rstd = rsqrtf(ss * p.inv_dim + p.eps);
-    if (lane == 0) p.rstd[row] = rstd;
-    void* yrow = elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim));
+    float ss[2] = {0.f, 0.f};  // two chains: half the dependent adds
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      const int v = lane + i * TPR;
-      if (v < p.dim_vecs) {
-        float f[VEC], out[VEC];
-        unpack<XT, VEC>(xr[i], f);
+      float f[VEC];
+      unpack<XT, VEC>(xr[i], f);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const float n = weight_factor<M, XT>(f[e] * rstd);  // llama: rounded to x's dtype
-          if constexpr (SHIFT) {
-            out[e] = fmaf(n, wm[i][e], h[i][e]);
-          } else {
-            out[e] = n * wm[i][e];
-          }
-        }
-        store_elems<XT, VEC>(yrow, static_cast<int64_t>(v) * VEC, out, p.y_vectorized != 0);
+      for (int e = 0; e < VEC; ++e) ss[e & 1] = fmaf(f[e], f[e], ss[e & 1]);
+    }
+    float sum = ss[0] + ss[1];
+    if constexpr (TEAMS == 1) {
+      sum = block_sum_alternating<TPR>(sum, red[parity]);
+      parity ^= 1;
+    } else {
+      sum = team_sum<TPR>(sum, nullptr);
+    }
+    if (!active) continue;
+    const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
+    if (lane == 0) p.rstd[row] = rstd;
+    char* yrow = y_lane + row * y_row_bytes;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      float n[VEC], out[VEC];
+      unpack<XT, VEC>(xr[i], n);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) n[e] *= rstd;
+      if constexpr (M == CastingMode::kLlama) {
+#pragma unroll
+        for (int e = 0; e < VEC; e += 2) round_pair<XT>(n[e], n[e + 1]);  // xhat in x's dtype
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = SHIFT ? fmaf(n[e], wm[i][e], h[SHIFT ? i : 0][e]) : n[e] * wm[i][e];
+      if (has[i]) {
+        *reinterpret_cast<Raw*>(yrow + i * TPR * kVecBytes) = pack<XT, VEC, Raw>(out);
       }
     }
   }
