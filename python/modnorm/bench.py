@@ -170,18 +170,22 @@ def copy_bandwidth(device, timer):
     return 2 * n / t
 
 
-def host_time_us(fn, device, reps=200):
+def host_time_us(fn, device, batches=8, reps=25):
+    """CPU time of one call: the median over batches of `reps` back-to-back calls (a mean over
+    one long batch let a single stall of the process move the figure by 50%)."""
+    per_call = []
     with torch.no_grad():
         fn()
+        for _ in range(batches):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            per_call.append((time.perf_counter() - t0) / reps * 1e6)
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        t1 = time.perf_counter()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return (t1 - t0) / reps * 1e6
+    return statistics.median(per_call)
 
 
 @dataclasses.dataclass
