@@ -313,25 +313,12 @@ __device__ __forceinline__ int64_t map_nth_row(const DevMap& m, int64_t g, int64
   return row;
 }
 
-// The rows [begin, end) block `blockIdx.x` owns when blocks come blocks_per_group to a group of
-// group_rows consecutive rows, rows_per_block each, the last ones clipped to their group.
-struct RowRange {
-  int64_t begin, end;
-};
-__device__ __forceinline__ RowRange block_rows(int64_t rows, int64_t group_rows,
-                                               int64_t blocks_per_group, int64_t rows_per_block) {
-  const int64_t group = blockIdx.x / blocks_per_group;
-  const int64_t sub = blockIdx.x - group * blocks_per_group;
-  const int64_t group_begin = group * group_rows;
-  const int64_t group_end = min(group_begin + group_rows, rows);
-  const int64_t begin = min(group_begin + sub * rows_per_block, group_end);
-  return {begin, min(begin + rows_per_block, group_end)};
-}
-
-// The rows a block of TEAMS teams walks, TEAMS rows per step: begin, begin + step, ... below end.
-// Contiguous: the block's own range (block_rows), step TEAMS. Interleaved: the blocks of a group
-// take turns, chunk sub, sub + blocks_per_group, ... of the group, so the rows in flight across
-// the GPU at any moment lie close together in memory, as in a copy kernel.
+// The rows a block of TEAMS teams walks, TEAMS rows per step: begin, begin + step, ... below end,
+// when blocks come blocks_per_group to a group of group_rows consecutive rows. Contiguous: the
+// block's own range of rows_per_block rows, the last ones clipped to their group, step TEAMS.
+// Interleaved: the blocks of a group take turns, chunk sub, sub + blocks_per_group, ... of the
+// group, so the rows in flight across the GPU at any moment lie close together in memory, as in a
+// copy kernel.
 struct RowWalk {
   int64_t begin, end, step;
 };
@@ -339,15 +326,25 @@ template <int TEAMS>
 __device__ __forceinline__ RowWalk block_row_walk(int64_t rows, int64_t group_rows,
                                                   int64_t blocks_per_group, int64_t rows_per_block,
                                                   bool interleave) {
-  if (!interleave) {
-    const RowRange r = block_rows(rows, group_rows, blocks_per_group, rows_per_block);
-    return {r.begin, r.end, TEAMS};
-  }
   const int64_t group = blockIdx.x / blocks_per_group;
   const int64_t sub = blockIdx.x - group * blocks_per_group;
   const int64_t group_begin = group * group_rows;
   const int64_t group_end = min(group_begin + group_rows, rows);
-  return {min(group_begin + sub * TEAMS, group_end), group_end, blocks_per_group * TEAMS};
+  if (interleave) {
+    return {min(group_begin + sub * TEAMS, group_end), group_end, blocks_per_group * TEAMS};
+  }
+  const int64_t begin = min(group_begin + sub * rows_per_block, group_end);
+  return {begin, min(begin + rows_per_block, group_end), TEAMS};
+}
+
+// The contiguous range [begin, end) of block_row_walk.
+struct RowRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ RowRange block_rows(int64_t rows, int64_t group_rows,
+                                               int64_t blocks_per_group, int64_t rows_per_block) {
+  const RowWalk w = block_row_walk<1>(rows, group_rows, blocks_per_group, rows_per_block, false);
+  return {w.begin, w.end};
 }
 
 // This lane's NV vectors lane + i * tpr of the x row at element `offset`, through the read-only
@@ -553,35 +550,22 @@ __device__ __forceinline__ void load_plain_any(const char* ptr, int dtype, float
   }
 }
 
-// team_sum for a block-wide team of TPR threads without the trailing barrier: consecutive calls
-// must alternate between two `red` buffers of TPR / 32 floats. Same order as team_sum.
-template <int TPR>
-__device__ __forceinline__ float block_sum_alternating(float v, float* red) {
-  static_assert(TPR > 32 && TPR % 32 == 0, "block-wide teams");
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float t = 0.f;
-#pragma unroll
-  for (int i = 0; i < TPR / 32; ++i) t += red[i];
-  return t;
-}
-
-// Sum over a team: TPR > 0 lanes of a warp (xor butterflies), or TPR == 0 the whole block, with
-// a run-time number of warps whose partials are read in one fixed order. `red` holds 32 floats
-// and must alternate between two buffers on consecutive calls (no trailing barrier).
+// Sum over a team: TPR <= 32 lanes of a warp (xor butterflies), or the whole block: TPR > 32
+// threads, or TPR == 0 with a run-time number of warps. The warps' partials are read in one fixed
+// order. `red` holds 32 floats and must alternate between two buffers on consecutive calls (no
+// trailing barrier).
 template <int TPR>
 __device__ __forceinline__ float team_sum_rt(float v, float* red) {
-  constexpr int kWarpSpan = (TPR == 0 || TPR > 32) ? 32 : TPR;
+  constexpr bool kBlock = TPR == 0 || TPR > 32;
+  constexpr int kWarpSpan = kBlock ? 32 : TPR;
 #pragma unroll
   for (int o = kWarpSpan / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if constexpr (TPR == 0) {
+  if constexpr (kBlock) {
     const int warp = threadIdx.x >> 5;
     if ((threadIdx.x & 31) == 0) red[warp] = v;
     __syncthreads();
     float t = 0.f;
-    const int warps = blockDim.x >> 5;
+    const int warps = TPR == 0 ? blockDim.x >> 5 : TPR / 32;
     for (int i = 0; i < warps; ++i) t += red[i];
     return t;
   } else {

@@ -350,12 +350,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
       for (int e = 0; e < VEC; ++e) ss[e & 1] = fmaf(f[e], f[e], ss[e & 1]);
     }
     float sum = ss[0] + ss[1];
-    if constexpr (TEAMS == 1) {
-      sum = block_sum_alternating<TPR>(sum, red[parity]);
-      parity ^= 1;
-    } else {
-      sum = team_sum<TPR>(sum, nullptr);
-    }
+    sum = team_sum_rt<TPR>(sum, red[parity]);
+    parity ^= 1;
     if (!active) continue;
     const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
     if (lane == 0) p.rstd[row] = rstd;
