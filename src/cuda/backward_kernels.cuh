@@ -130,6 +130,22 @@ __device__ __forceinline__ void load_x_dy_row(const BackwardArgs& p, int64_t row
   }
 }
 
+// One step of the one-row-ahead pipeline: the rows loaded ahead become this iteration's (xr, gr)
+// and, when there is a next row, it is loaded ahead in turn. Returns whether it was.
+template <DType XT, typename Raw, int NV>
+__device__ __forceinline__ bool advance_x_dy_rows(const BackwardArgs& p, int64_t next_row,
+                                                  bool has_next, int lane, int tpr,
+                                                  Raw (&xr)[NV], Raw (&gr)[NV],
+                                                  Raw (&x_next)[NV], Raw (&g_next)[NV]) {
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    xr[i] = x_next[i];
+    gr[i] = g_next[i];
+  }
+  if (has_next) load_x_dy_row<XT>(p, next_row, lane, tpr, x_next, g_next);
+  return has_next;
+}
+
 // Per-vector gradient math shared by the register and loop kernels: returns this vector's share
 // of sum(a * xhat), accumulates partials and writes direct modulation gradients as asked.
 template <DType XT, CastingMode M, int VEC, bool kAccumulate>
@@ -217,14 +233,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>()
     const bool active = row < row_end;
     Raw xr[NV], gr[NV];
     if constexpr (kPrefetch) {
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        xr[i] = x_next[i];
-        gr[i] = g_next[i];
-      }
-      if (row + TEAMS < row_end) {
-        load_x_dy_row<XT>(p, row + TEAMS, lane, TPR, x_next, g_next);
-      }
+      advance_x_dy_rows<XT>(p, row + TEAMS, row + TEAMS < row_end, lane, TPR, xr, gr, x_next,
+                            g_next);
     } else if (active) {
       load_x_dy_row<XT>(p, row, lane, TPR, xr, gr);
     }
@@ -406,16 +416,9 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
           gr[i] = staged_g[v];
         }
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        xr[i] = x_next[i];
-        gr[i] = g_next[i];
-      }
-      if (row + step < row_end) {
-        load_x_dy_row<XT>(p, row + step, lane, TPR, x_next, g_next);
-        rstd_next = p.rstd[row + step];
-      }
+    } else if (advance_x_dy_rows<XT>(p, row + step, row + step < row_end, lane, TPR, xr, gr,
+                                     x_next, g_next)) {
+      rstd_next = p.rstd[row + step];
     }
 
     float dot = 0.f;
@@ -531,8 +534,9 @@ template <int VEC>
 __device__ __forceinline__ void pipe_scale(const BackwardArgs& p, const char* st,
                                            const char* cache, int v, int64_t scale_idx, float* m) {
   if (p.m_vec_bytes != 0 || p.cache_s >= 0) {
-    const char* src = p.m_vec_bytes != 0 ? st + p.m_stage_off + v * p.m_vec_bytes
-                                         : cache + p.cache_s + v * VEC * (p.scale_dtype == kDtF32 ? 4 : 2);
+    const char* src = p.m_vec_bytes != 0
+                          ? st + p.m_stage_off + v * p.m_vec_bytes
+                          : cache + p.cache_s + v * VEC * (p.scale_dtype == kDtF32 ? 4 : 2);
     load_plain_any<VEC>(src, p.scale_dtype, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
