@@ -480,9 +480,8 @@ struct BackwardImpl {
       a.blocks_per_group = l.blocks_per_group;
       a.rows_per_block = l.rows_per_block;
       // backward_const_kernel walks its rows interleaved with the other blocks of its group
-      // (mochi f+b 85 -> 92%); MODNORM_ROW_ORDER=contiguous restores each block's own run.
-      static const bool interleave = env_switch("MODNORM_ROW_ORDER") != "contiguous";
-      a.interleave = interleave ? 1 : 0;
+      // (mochi f+b 85 -> 92%).
+      a.interleave = interleave_rows() ? 1 : 0;
       const bool any_work = a.dx != nullptr || a.dscale_direct != nullptr ||
                             a.dshift_direct != nullptr || a.dweight_partials != nullptr ||
                             a.dscale_partials != nullptr || a.dshift_partials != nullptr;

@@ -171,10 +171,7 @@ struct ForwardImpl {
         // About two waves of blocks, 1-64 rows per team (at least 2 for block-wide teams, whose
         // constants cost as much to load as a row), balanced inside each run.
         const int occupancy = blocks_per_sm(device, kernel, C::kThreads, 0);
-        // Rows interleaved across the blocks of a group (block_row_walk);
-        // MODNORM_ROW_ORDER=contiguous gives each block its own run of rows instead.
-        static const bool interleave = env_switch("MODNORM_ROW_ORDER") != "contiguous";
-        a.interleave = interleave ? 1 : 0;
+        a.interleave = interleave_rows() ? 1 : 0;
         const int64_t target = std::max<int64_t>(1, int64_t(info.sm_count) * occupancy * 2);
         const int64_t iters = std::max<int64_t>(
             C::kTeams == 1 ? 2 : 1, std::min<int64_t>(64, ceil_div(p.rows, target * C::kTeams)));

@@ -104,6 +104,13 @@ inline int env_int(const char* name, int fallback) {
   return n > 0 ? n : fallback;
 }
 
+// Whether the shared-modulation kernels interleave their blocks' rows (block_row_walk);
+// MODNORM_ROW_ORDER=contiguous gives each block its own run of rows, for comparisons.
+inline bool interleave_rows() {
+  static const bool on = env_switch("MODNORM_ROW_ORDER") != "contiguous";
+  return on;
+}
+
 inline int round_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b * b); }
 
 constexpr int kLoopBlockThreads = 512;
