@@ -42,6 +42,9 @@ struct Reference {
   // (D = 1 makes it nearly zero), so its error is measured against this.
   double dx_terms_norm = 0;
   std::vector<double> dscale, dshift;  // indexed like the modulation buffer's elements
+  // Likewise the terms each reduced gradient sums over rows (dy * m * xhat, dy * norm(x), dy):
+  // random signs can cancel the sum to far less than its float32 rounding error grows with.
+  double dweight_terms_norm = 0, dscale_terms_norm = 0, dshift_terms_norm = 0;
 };
 
 // Float64 evaluation of the formula (no intermediate rounding) and its gradients for dy.
@@ -49,7 +52,9 @@ Reference reference(const Buffer& x, int64_t rows, int64_t D, const Buffer* weig
                     Mod shift, const Buffer& dy, double eps, double offset, double scale_offset);
 
 // ||a - b|| / ||b|| over the listed elements.
-double rel_error(const Buffer& a, const std::vector<double>& b);
-double rel_error(const std::vector<double>& a, const std::vector<double>& b);
+// ||a - b|| / max(||b||, floor_norm) (||a - b|| when both are 0); NaN anywhere gives infinity.
+double rel_error(const Buffer& a, const std::vector<double>& b, double floor_norm = 0);
+double rel_error(const std::vector<double>& a, const std::vector<double>& b,
+                 double floor_norm = 0);
 
 }  // namespace modnorm_test
