@@ -353,7 +353,6 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     }
   }
 
-
   // The next row's x and dy travel one row ahead in registers (RING: stages ahead in shared
   // memory), and so does its rstd.
   char* ring = reinterpret_cast<char*>(team_partials);
