@@ -47,6 +47,8 @@ int ring_stages(int64_t block_stage_bytes, int64_t budget) {
 }
 
 constexpr int64_t kBackwardRingBudget = 64 * 1024;
+// Row traffic (x, dy, dx) below which a backward pass is latency-bound (~8 us at full bandwidth).
+constexpr int64_t kLatencyBoundBytes = 32ll << 20;
 
 // ---------------------------------------------------------------------------------------------
 // Backward
@@ -292,11 +294,13 @@ struct BackwardImpl {
                           (l.dshift == GradRoute::kFused);
       const int occupancy = blocks_per_sm(device, kernel, l.threads, l.reg_smem);
       int64_t target = int64_t(info.sm_count) * occupancy;
-      if (streams > 0) {
+      const int64_t row_traffic = p.rows * p.dim * 3 * int64_t(dtype_size(p.x_dtype));  // x, dy, dx
+      if (streams > 0 && row_traffic >= kLatencyBoundBytes) {
         // Keep the partials' round trip (write + read, 8 bytes per float) under ~10% of the
-        // row traffic (x, dy, dx), unless that leaves SMs idle.
-        const int64_t row_bytes = 3 * int64_t(dtype_size(p.x_dtype));
-        const int64_t cap = p.rows * row_bytes / (80 * streams);
+        // row traffic, unless that leaves SMs idle. Smaller passes are bound by the rows each
+        // block walks in series, each a memory latency, not by bytes: they keep every slot
+        // (dit-xl: 15.5 rows a block -> 3.9, backward kernel 15.3 -> 11.0 us).
+        const int64_t cap = row_traffic / (p.dim * 80 * streams);
         target = std::min(target, std::max<int64_t>(info.sm_count, cap));
       }
       target = std::max<int64_t>(1, target);
@@ -306,25 +310,8 @@ struct BackwardImpl {
         if (l.dshift == GradRoute::kFused) l.dshift = GradRoute::kColumn;
         fuse_rows = 0;
       }
-      if (fuse_rows > 0) {
-        l.groups = p.rows / fuse_rows;
-        l.group_rows = fuse_rows;
-        const int64_t per_group =
-            std::max<int64_t>(1, std::min(target / l.groups, ceil_div(fuse_rows, l.teams)));
-        l.rows_per_block = ceil_div(ceil_div(fuse_rows, per_group), l.teams) * l.teams;
-        l.blocks_per_group = ceil_div(fuse_rows, l.rows_per_block);
-        l.blocks = l.groups * l.blocks_per_group;
-      } else {
-        l.groups = 1;
-        l.group_rows = p.rows;
-        const int64_t blocks = std::max<int64_t>(1, std::min(target, ceil_div(p.rows, l.teams)));
-        l.rows_per_block = ceil_div(ceil_div(p.rows, blocks), l.teams) * l.teams;
-        l.blocks = ceil_div(p.rows, l.rows_per_block);
-        l.blocks_per_group = l.blocks;
-      }
-      if (l.blocks > INT_MAX) {
-        throw Error(Error::Kind::kValue, "modnorm CUDA backend: too many row groups");
-      }
+      l.groups = fuse_rows > 0 ? p.rows / fuse_rows : 1;
+      l.group_rows = fuse_rows > 0 ? fuse_rows : p.rows;
       // A cached (pipe) or constant (const kernel) scale row must serve every row of a block:
       // one row for all, or blocks grouped by the scale's runs.
       const bool one_scale_row_per_block =
@@ -334,6 +321,19 @@ struct BackwardImpl {
         l.cache_s = -1;
         l.const_mod = false;
         if (l.ring_stages > 0) return layout(bp, false);  // plan the register kernel instead
+      }
+      // Blocks per group: the target's share, each with a team's rows at least.
+      // backward_const_kernel deals a group's rows out in turn (block_row_walk), so it takes that
+      // count as it is; the other kernels own runs of whole teams' rows, which may need fewer.
+      const int64_t per_group =
+          std::max<int64_t>(1, std::min(target / l.groups, ceil_div(l.group_rows, l.teams)));
+      l.rows_per_block = ceil_div(ceil_div(l.group_rows, per_group), l.teams) * l.teams;
+      l.blocks_per_group = l.const_mod && interleave_rows()
+                               ? per_group
+                               : ceil_div(l.group_rows, l.rows_per_block);
+      l.blocks = l.groups * l.blocks_per_group;
+      if (l.blocks > INT_MAX) {
+        throw Error(Error::Kind::kValue, "modnorm CUDA backend: too many row groups");
       }
     }
 
