@@ -34,8 +34,9 @@ struct ForwardArgs {
   // every run of run_rows rows reads one scale row and one shift row, tiles never cross a run
   // (tiles_per_run tiles each) and the block caches those rows; otherwise tiles cover all rows.
   int64_t tile_rows = 0, run_rows = 0, tiles_per_run = 1;
-  // forward_const_kernel: block b = group * blocks_per_group + sub owns rows
-  // [group * group_rows + sub * rows_per_block, + rows_per_block), clipped to its group.
+  // forward_const_kernel (block_row_walk): block b = group * blocks_per_group + sub walks rows of
+  // its group of group_rows; interleaved, rows sub, sub + blocks_per_group, ... (by teams),
+  // else its own run [sub * rows_per_block, + rows_per_block), clipped to the group.
   int64_t group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   int interleave = 0;  // block_row_walk: blocks of a group take turns row by row
   // Byte offsets of the cached weight / scale / shift rows in dynamic shared memory (-1: none).
