@@ -1,24 +1,41 @@
-"""Runs modnorm's forward and backward on BENCH.md cases a few times: a small target for ncu.
+"""Runs one provider's forward (and backward) on BENCH.md cases a few times: a small target for ncu.
 
     ncu --clock-control none -k regex:forward --launch-count 2 python3 benchmarks/profile_case.py flux
+    ncu --clock-control none -k regex:rms --launch-skip 2 --launch-count 1 \
+        python3 benchmarks/profile_case.py --provider "Liger fused" --forward-only ltx13b
+
+--provider takes a name of the benchmark's table (modnorm, "Liger fused", torch.compile, ...), so
+a peer's kernel is profiled on the same inputs as modnorm's.
 """
 
-import sys
+import argparse
 
 import torch
 
-import modnorm
-from modnorm.bench import GPU_CASES, make_inputs
+from modnorm.bench import GPU_CASES, make_inputs, provider_fns
 
-names = sys.argv[1:] or ["ltx2b-t2v"]
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("cases", nargs="*", default=["ltx2b-t2v"])
+parser.add_argument("--provider", default="modnorm")
+parser.add_argument("--forward-only", action="store_true")
+parser.add_argument("--reps", type=int, default=3)
+args = parser.parse_args()
+
 for case in GPU_CASES:
-    if case.name not in names:
+    if case.name not in args.cases:
         continue
     x, w, s, h = make_inputs(case, "cuda")
+    fn = provider_fns(case, "cuda")[args.provider]
+    if fn == "compile":
+        from modnorm.bench import modulated_rms_norm_eager
+
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, w, s, h: modulated_rms_norm_eager(x, w, s, h, 1e-6), dynamic=False)
     dy = torch.randn_like(x)
     grads_of = [t for t in (x, w, s, h) if t is not None]
-    for _ in range(3):
-        y = modnorm.modulated_rms_norm(x, w, s, h, in_place=False)
-        torch.autograd.grad(y, grads_of, dy)
+    for _ in range(args.reps):
+        y = fn(x, w, s, h)
+        if not args.forward_only:
+            torch.autograd.grad(y, grads_of, dy)
     torch.cuda.synchronize()
-    print(case.name, "ok")
+    print(case.name, args.provider, "ok")
