@@ -1,5 +1,8 @@
 // Forward kernels.
 //
+// forward_row_block_kernel: one row per block, everything the row needs loaded before its sum;
+// rows of 129-1024 vectors whose weight and modulation are in x's dtype.
+//
 // forward_reg_kernel: a team of TPR threads owns one row at a time and holds it in registers
 // (NV vectors of VEC elements per thread), so x is read from memory exactly once. Small rows use
 // warp or half-warp teams, several per block; larger rows use one block-wide team.
@@ -290,11 +293,14 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
   const int64_t x_row_bytes = p.x_row_stride * elem_bytes<XT>();
   const int64_t y_row_bytes = static_cast<int64_t>(p.dim) * elem_bytes<XT>();
   // Vectors past the row's end are never loaded and stay zero: they add nothing to the sum.
+  const uint64_t evict_first = l2_evict_first_policy();
   auto load_row = [&](int64_t row, Raw (&dst)[NV]) {
     const char* src = x_lane + row * x_row_bytes;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      if (has[i]) dst[i] = __ldg(reinterpret_cast<const Raw*>(src + i * TPR * kVecBytes));
+      if (has[i]) {
+        dst[i] = load_streamed(reinterpret_cast<const Raw*>(src + i * TPR * kVecBytes), evict_first);
+      }
     }
   };
 
@@ -373,6 +379,97 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
         *reinterpret_cast<Raw*>(yrow + i * TPR * kVecBytes) = pack<XT, VEC, Raw>(out);
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward_row_block_kernel: one row per block (grid = rows) of THREADS threads with NV vectors
+// each, for rows of 129-1024 vectors whose weight / scale / shift are in x's dtype (any broadcast
+// rule). Every load of the row (x, then the weight and its modulation rows as raw vectors) is
+// issued before the row's sum, and the block's only barrier is that sum's. Short-lived blocks are
+// replaced by the hardware as they retire, so each SM always has rows in flight without a
+// software pipeline: on H100 this shape (Liger's) beat forward_const_kernel's persistent blocks
+// with constants in registers by 2-9 points on every case it serves (performance log, session 7).
+// W / S / H: weight, scale, shift present.
+template <DType XT, CastingMode M, int VEC, int NV, int THREADS, bool W, bool S, bool H>
+__global__ void __launch_bounds__(THREADS)
+    forward_row_block_kernel(const __grid_constant__ ForwardArgs p) {
+  static_assert(THREADS % 32 == 0 && VEC % 2 == 0, "whole warps, pairs of elements");
+  using Raw = XRaw<XT, VEC>;
+  __shared__ float red[THREADS / 32];
+  const int64_t row = blockIdx.x;
+  const int t = threadIdx.x;
+  const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
+  const uint64_t evict_first = l2_evict_first_policy();
+  Raw xr[NV], wr[W ? NV : 1], sr[S ? NV : 1], hr[H ? NV : 1];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = t + i * THREADS;
+    xr[i] = v < p.dim_vecs ? load_streamed(xrow + v, evict_first) : Raw{};  // zeros add nothing
+  }
+  const Raw* wrow = static_cast<const Raw*>(p.weight);
+  const Raw* srow = nullptr;
+  const Raw* hrow = nullptr;
+  if constexpr (S) srow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.scale, map_offset(p.scale_map, row)));
+  if constexpr (H) hrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.shift, map_offset(p.shift_map, row)));
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = t + i * THREADS;
+    if (v < p.dim_vecs) {
+      if constexpr (W) wr[i] = __ldg(wrow + v);
+      if constexpr (S) sr[i] = __ldg(srow + v);
+      if constexpr (H) hr[i] = __ldg(hrow + v);
+    }
+  }
+  float ss[2] = {0.f, 0.f};  // two chains: half the dependent adds
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    float f[VEC];
+    unpack<XT, VEC>(xr[i], f);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) ss[e & 1] = fmaf(f[e], f[e], ss[e & 1]);
+  }
+  float sum = ss[0] + ss[1];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((t & 31) == 0) red[t >> 5] = sum;
+  __syncthreads();  // one row per block: red is never reused, so no second barrier
+  sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < THREADS / 32; ++i) sum += red[i];
+  const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
+  if (t == 0) p.rstd[row] = rstd;
+  Raw* yrow = reinterpret_cast<Raw*>(elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim)));
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int v = t + i * THREADS;
+    if (v >= p.dim_vecs) continue;
+    float n[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
+    unpack<XT, VEC>(xr[i], n);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) n[e] *= rstd;
+    if constexpr (M == CastingMode::kLlama) {
+#pragma unroll
+      for (int e = 0; e < VEC; e += 2) round_pair<XT>(n[e], n[e + 1]);  // xhat in x's dtype
+    }
+    if constexpr (W) {
+      unpack<XT, VEC>(wr[i], w);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) w[e] += p.offset;
+    }
+    if constexpr (S) {
+      unpack<XT, VEC>(sr[i], m);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
+    }
+    if constexpr (H) unpack<XT, VEC>(hr[i], h);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      float o = W ? n[e] * w[e] : n[e];
+      o = S ? o * m[e] : o;
+      out[e] = H ? o + h[e] : o;
+    }
+    yrow[v] = pack<XT, VEC, Raw>(out);
   }
 }
 

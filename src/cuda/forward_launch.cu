@@ -1,5 +1,7 @@
 // CUDA backend: launch planning for the forward.
 //
+//   forward_row_block_kernel: vectorized rows of 129-1024 16-byte vectors whose weight and
+//     modulation are in x's dtype (llama and none casting): one row per block.
 //   forward_const_kernel: vectorized rows up to 768 16-byte vectors whose blocks can each own rows
 //     that read one scale/shift row (no modulation, per sample, per frame, shared; llama and
 //     none casting): weight * scale and shift held in registers per thread.
@@ -8,6 +10,8 @@
 //   forward_reg_kernel:  other vectorized rows up to 4096 vectors, one block-wide team per row,
 //     per-token modulation vectors prefetched into shared memory with x.
 //   forward_loop_kernel: longer rows, or layouts without 16-byte alignment.
+#include <type_traits>
+
 #include "launch_common.h"
 
 namespace modnorm::detail {
@@ -147,6 +151,57 @@ struct ForwardImpl {
     check_launch("modnorm forward_rows_kernel");
   }
 
+  // forward_row_block_kernel: rows of 129-1024 vectors with 16-byte stores, llama or no
+  // casting, every present operand in x's dtype (raw vector loads; a scale whenever there is a
+  // shift). THREADS threads with two vectors each, Liger's shape: measured against 4 vectors on
+  // half the threads, 2 won on 3 of the 5 cases it serves (performance log, session 7).
+  template <int VEC, int THREADS>
+  static void launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
+    constexpr int kNV = 2;
+    const bool w = p.weight.present(), s = p.scale.present(), h = p.shift.present();
+    const void* kernel = nullptr;
+    auto pick = [&](auto wc, auto sc, auto hc) {
+      if (w == wc.value && s == sc.value && h == hc.value) {
+        kernel = reinterpret_cast<const void*>(
+            cuda_detail::forward_row_block_kernel<XT, M, VEC, kNV, THREADS, wc.value, sc.value, hc.value>);
+      }
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    pick(F{}, F{}, F{});
+    pick(F{}, T{}, F{});
+    pick(F{}, T{}, T{});
+    pick(T{}, F{}, F{});
+    pick(T{}, T{}, F{});
+    pick(T{}, T{}, T{});
+    void* args[] = {&a};
+    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(p.rows)),
+                                             dim3(THREADS), args, 0, stream),
+                            "modnorm forward_row_block_kernel");
+    check_launch("modnorm forward_row_block_kernel");
+  }
+
+  template <int VEC>
+  static bool try_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
+    if constexpr (M == CastingMode::kGemma) {
+      return false;
+    } else {
+      if (!a.y_vectorized || p.rows > INT_MAX || a.dim_vecs <= 128 || a.dim_vecs > 1024) return false;
+      for (const Operand* op : {&p.weight, &p.scale, &p.shift}) {
+        if (op->present() && op->dtype != XT) return false;
+      }
+      if (p.shift.present() && !p.scale.present()) return false;  // the plan rejects it too
+      if (a.dim_vecs <= 256) {
+        launch_row_block<VEC, 128>(p, a, stream);
+      } else if (a.dim_vecs <= 512) {
+        launch_row_block<VEC, 256>(p, a, stream);
+      } else {
+        launch_row_block<VEC, 512>(p, a, stream);
+      }
+      return true;
+    }
+  }
+
   // forward_const_kernel when every block can own rows reading one weight, scale and shift row:
   // runs of at least 8 rows per modulation row (or no modulation). Returns whether it launched.
   template <int VEC>
@@ -199,6 +254,10 @@ struct ForwardImpl {
     a.dim_vecs = static_cast<int>(p.dim / VEC);
     a.y_vectorized = cuda_detail::output_vectorizable(a.y, p.x_dtype, VEC) ? 1 : 0;
     if constexpr (VEC > 1) {
+      // Comparison switch (performance log): MODNORM_FORWARD_KERNEL=persistent skips the
+      // row-block kernel and takes the ones it replaced (const, or reg for per-token rows).
+      static const bool row_block = env_switch("MODNORM_FORWARD_KERNEL") != "persistent";
+      if (row_block && try_row_block<VEC>(p, a, stream)) return;
       if (launch_const<VEC>(p, a, stream, device)) return;
       if (visit_rows_config(a.dim_vecs, [&](auto config) {
             launch_rows<VEC, decltype(config)>(p, a, stream, device);
