@@ -120,3 +120,34 @@ def test_backward_long_rows_bitwise_repeatable(kind):
     for later in runs[1:]:
         for a, b in zip(runs[0], later):
             assert torch.equal(a, b)
+
+
+# forward_row_block_kernel (rows of 129-1024 16-byte vectors, weight and modulation in x's dtype):
+# every operand set it has a kernel for, each of its block sizes (128, 256 and 512 threads: 1160
+# bf16 columns are 145 vectors, 4096 are 512, 8192 are 1024; float32 rows hold half as many
+# elements per vector), three x dtypes, llama and no casting, per-sample and per-token
+# modulation. y starts poisoned (NaN: the caching allocator hands it the block just freed) and
+# must match float64 at least as well as the eager code.
+@pytest.mark.parametrize("D", [1160, 4096, 8192])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", ["llama", "none"])
+@pytest.mark.parametrize("operands", ["none", "w", "s", "sh", "ws", "wsh", "wsh_token"])
+def test_forward_row_block_operand_sets(D, dtype, mode, operands):
+    from test_accuracy import noise_floor
+    from helpers import rel_err
+    from modnorm.reference import modulated_rms_norm_float64
+
+    B, T = 2, 37
+    x = (2.0 * torch.randn(B, T, D, device="cuda")).to(dtype)
+    w = (1.0 + 0.5 * torch.randn(D, device="cuda")).to(dtype) if "w" in operands else None
+    mod_shape = (B, T, D) if operands.endswith("token") else (B, 1, D)
+    s = (0.3 * torch.randn(mod_shape, device="cuda")).to(dtype) if "s" in operands else None
+    h = (0.3 * torch.randn(mod_shape, device="cuda")).to(dtype) if "h" in operands else None
+    torch.full((B, T, D), float("nan"), device="cuda", dtype=dtype)  # freed: y's block holds NaN
+    y = modnorm.modulated_rms_norm(x, w, s, h, 1e-6, 0.0, mode, in_place=False)
+    assert torch.isfinite(y).all(), "unwritten (poisoned) output elements"
+    y_eager = modulated_rms_norm_eager(x, w, s, h, 1e-6, 0.0, mode).to(dtype)
+    y64 = modulated_rms_norm_float64(x, w, s, h, 1e-6, 0.0)
+    assert rel_err(y, y64) <= 1.05 * rel_err(y_eager, y64) + noise_floor(y)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_eager, atol=1e-4, rtol=1e-6)
