@@ -242,6 +242,34 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, 4>
   }
 }
 
+// The row-held kernels' arithmetic on a thread's NV vectors of x (vectors past the row's end hold
+// zeros, which add nothing): the sum of squares in two chains (half the dependent adds), and
+// xhat = x * rstd, rounded to x's dtype in pairs under llama casting (the value the unfused
+// module multiplies by the weight).
+template <DType XT, int VEC, int NV>
+__device__ __forceinline__ float sum_squares_held(const XRaw<XT, VEC> (&xr)[NV]) {
+  float ss[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    float f[VEC];
+    unpack<XT, VEC>(xr[i], f);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) ss[e & 1] = fmaf(f[e], f[e], ss[e & 1]);
+  }
+  return ss[0] + ss[1];
+}
+
+template <DType XT, CastingMode M, int VEC>
+__device__ __forceinline__ void xhat_of(const XRaw<XT, VEC>& raw, float rstd, float (&n)[VEC]) {
+  unpack<XT, VEC>(raw, n);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) n[e] *= rstd;
+  if constexpr (M == CastingMode::kLlama) {
+#pragma unroll
+    for (int e = 0; e < VEC; e += 2) round_pair<XT>(n[e], n[e + 1]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward_const_kernel: rows of 129-1024 vectors whose block reads one weight, one scale row and
 // one shift row (per-sample / per-frame runs grouped per block, shared rows, none). Each thread
@@ -348,16 +376,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
                          static_cast<unsigned>(p.dim_vecs) * kVecBytes);
       }
     }
-    float ss[2] = {0.f, 0.f};  // two chains: half the dependent adds
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      float f[VEC];
-      unpack<XT, VEC>(xr[i], f);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) ss[e & 1] = fmaf(f[e], f[e], ss[e & 1]);
-    }
-    float sum = ss[0] + ss[1];
-    sum = team_sum_rt<TPR>(sum, red[parity]);
+    const float sum = team_sum_rt<TPR>(sum_squares_held<XT, VEC, NV>(xr), red[parity]);
     parity ^= 1;
     if (!active) continue;
     const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
@@ -366,13 +385,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       float n[VEC], out[VEC];
-      unpack<XT, VEC>(xr[i], n);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) n[e] *= rstd;
-      if constexpr (M == CastingMode::kLlama) {
-#pragma unroll
-        for (int e = 0; e < VEC; e += 2) round_pair<XT>(n[e], n[e + 1]);  // xhat in x's dtype
-      }
+      xhat_of<XT, M, VEC>(xr[i], rstd, n);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) out[e] = SHIFT ? fmaf(n[e], wm[i][e], h[SHIFT ? i : 0][e]) : n[e] * wm[i][e];
       if (has[i]) {
@@ -421,15 +434,7 @@ __global__ void __launch_bounds__(THREADS)
       if constexpr (H) hr[i] = __ldg(hrow + v);
     }
   }
-  float ss[2] = {0.f, 0.f};  // two chains: half the dependent adds
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    float f[VEC];
-    unpack<XT, VEC>(xr[i], f);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) ss[e & 1] = fmaf(f[e], f[e], ss[e & 1]);
-  }
-  float sum = ss[0] + ss[1];
+  float sum = sum_squares_held<XT, VEC, NV>(xr);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if ((t & 31) == 0) red[t >> 5] = sum;
@@ -445,13 +450,7 @@ __global__ void __launch_bounds__(THREADS)
     const int v = t + i * THREADS;
     if (v >= p.dim_vecs) continue;
     float n[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
-    unpack<XT, VEC>(xr[i], n);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) n[e] *= rstd;
-    if constexpr (M == CastingMode::kLlama) {
-#pragma unroll
-      for (int e = 0; e < VEC; e += 2) round_pair<XT>(n[e], n[e + 1]);  // xhat in x's dtype
-    }
+    xhat_of<XT, M, VEC>(xr[i], rstd, n);
     if constexpr (W) {
       unpack<XT, VEC>(wr[i], w);
 #pragma unroll
