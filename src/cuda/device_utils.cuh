@@ -507,8 +507,6 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
 #endif
 }
 
-// Asks the copy engine to bring `bytes` (a multiple of 16, 16-byte aligned) from global memory
-// into L2, with nothing waiting on it (sm_90+; a no-op before).
 // Loads of a stream read once (x in the forward), marked first to leave L2. After the
 // benchmark's L2 flush, and in a model after the previous layer, L2 is full of dirty lines; x's
 // clean lines then go before them and fewer dirty lines are written back while the kernel runs
@@ -535,6 +533,8 @@ __device__ __forceinline__ Raw load_streamed(const Raw* src, uint64_t policy) {
   return __ldg(src);
 }
 
+// Asks the copy engine to bring `bytes` (a multiple of 16, 16-byte aligned) from global memory
+// into L2, with nothing waiting on it (sm_90+; a no-op before).
 __device__ __forceinline__ void bulk_prefetch_l2(const void* src, unsigned bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");

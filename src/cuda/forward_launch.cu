@@ -152,11 +152,12 @@ struct ForwardImpl {
   }
 
   // forward_row_block_kernel: rows of 129-1024 vectors with 16-byte stores, llama or no
-  // casting, every present operand in x's dtype (raw vector loads; a scale whenever there is a
-  // shift). THREADS threads with two vectors each, Liger's shape: measured against 4 vectors on
-  // half the threads, 2 won on 3 of the 5 cases it serves (performance log, session 7).
+  // casting, every present operand in x's dtype (raw vector loads). THREADS threads with two
+  // vectors each, Liger's shape: measured against 4 vectors on half the threads, 2 won on 3 of
+  // the 5 cases it serves (performance log, session 7). Returns whether it launched: a shift
+  // without a scale, which the plan rejects anyway, has no kernel here.
   template <int VEC, int THREADS>
-  static void launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
+  static bool launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
     constexpr int kNV = 2;
     const bool w = p.weight.present(), s = p.scale.present(), h = p.shift.present();
     const void* kernel = nullptr;
@@ -174,11 +175,13 @@ struct ForwardImpl {
     pick(T{}, F{}, F{});
     pick(T{}, T{}, F{});
     pick(T{}, T{}, T{});
+    if (kernel == nullptr) return false;
     void* args[] = {&a};
     cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(p.rows)),
                                              dim3(THREADS), args, 0, stream),
                             "modnorm forward_row_block_kernel");
     check_launch("modnorm forward_row_block_kernel");
+    return true;
   }
 
   template <int VEC>
@@ -190,15 +193,9 @@ struct ForwardImpl {
       for (const Operand* op : {&p.weight, &p.scale, &p.shift}) {
         if (op->present() && op->dtype != XT) return false;
       }
-      if (p.shift.present() && !p.scale.present()) return false;  // the plan rejects it too
-      if (a.dim_vecs <= 256) {
-        launch_row_block<VEC, 128>(p, a, stream);
-      } else if (a.dim_vecs <= 512) {
-        launch_row_block<VEC, 256>(p, a, stream);
-      } else {
-        launch_row_block<VEC, 512>(p, a, stream);
-      }
-      return true;
+      if (a.dim_vecs <= 256) return launch_row_block<VEC, 128>(p, a, stream);
+      if (a.dim_vecs <= 512) return launch_row_block<VEC, 256>(p, a, stream);
+      return launch_row_block<VEC, 512>(p, a, stream);
     }
   }
 
