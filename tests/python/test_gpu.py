@@ -123,31 +123,55 @@ def test_backward_long_rows_bitwise_repeatable(kind):
 
 
 # forward_row_block_kernel (rows of 129-1024 16-byte vectors, weight and modulation in x's dtype):
-# every operand set it has a kernel for, each of its block sizes (128, 256 and 512 threads: 1160
-# bf16 columns are 145 vectors, 4096 are 512, 8192 are 1024; float32 rows hold half as many
-# elements per vector), three x dtypes, llama and no casting, per-sample and per-token
-# modulation. y starts poisoned (NaN: the caching allocator hands it the block just freed) and
-# must match float64 at least as well as the eager code.
-@pytest.mark.parametrize("D", [1160, 4096, 8192])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("mode", ["llama", "none"])
-@pytest.mark.parametrize("operands", ["none", "w", "s", "sh", "ws", "wsh", "wsh_token"])
-def test_forward_row_block_operand_sets(D, dtype, mode, operands):
+# each of its block sizes (145, 512 and 1024 vectors: 128, 256 and 512 threads) for bf16, fp16 and
+# fp32 x, llama and no casting (float32 has no llama rounding: dispatch treats it as none), and
+# every operand set it has a kernel for, plus per-token modulation, offset 0.5 with scale_offset
+# 0, and x rows strided by D + 64 elements (16-byte aligned, so still this kernel). Outputs start
+# as NaN (conftest), and y must match float64 at least as well as the eager code does.
+ROW_BLOCK_DEVICE = "cuda"
+ROW_BLOCK_CASES = [
+    (dtype, mode)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32)
+    for mode in (("llama", "none") if dtype != torch.float32 else ("none",))
+]
+
+
+@pytest.mark.parametrize("vecs", [145, 512, 1024])
+@pytest.mark.parametrize("dtype,mode", ROW_BLOCK_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("operands", ["none", "w", "s", "sh", "ws", "wsh", "wsh_token", "wsh_offsets", "wsh_strided"])
+def test_forward_row_block_operand_sets(vecs, dtype, mode, operands):
     from test_accuracy import noise_floor
     from helpers import rel_err
     from modnorm.reference import modulated_rms_norm_float64
 
+    dev = ROW_BLOCK_DEVICE
     B, T = 2, 37
-    x = (2.0 * torch.randn(B, T, D, device="cuda")).to(dtype)
-    w = (1.0 + 0.5 * torch.randn(D, device="cuda")).to(dtype) if "w" in operands else None
+    D = vecs * 16 // torch.tensor([], dtype=dtype).element_size()
+    pad = 64 if operands.endswith("strided") else 0
+    x = (2.0 * torch.randn(B, T, D + pad, device=dev)).to(dtype)[..., :D]
+    w = (1.0 + 0.5 * torch.randn(D, device=dev)).to(dtype) if "w" in operands else None
     mod_shape = (B, T, D) if operands.endswith("token") else (B, 1, D)
-    s = (0.3 * torch.randn(mod_shape, device="cuda")).to(dtype) if "s" in operands else None
-    h = (0.3 * torch.randn(mod_shape, device="cuda")).to(dtype) if "h" in operands else None
-    torch.full((B, T, D), float("nan"), device="cuda", dtype=dtype)  # freed: y's block holds NaN
-    y = modnorm.modulated_rms_norm(x, w, s, h, 1e-6, 0.0, mode, in_place=False)
+    s = (0.3 * torch.randn(mod_shape, device=dev)).to(dtype) if "s" in operands else None
+    h = (0.3 * torch.randn(mod_shape, device=dev)).to(dtype) if "h" in operands else None
+    offset, scale_offset = (0.5, 0.0) if operands.endswith("offsets") else (0.0, 1.0)
+    y = modnorm.modulated_rms_norm(x, w, s, h, 1e-6, offset, mode, in_place=False, scale_offset=scale_offset)
     assert torch.isfinite(y).all(), "unwritten (poisoned) output elements"
-    y_eager = modulated_rms_norm_eager(x, w, s, h, 1e-6, 0.0, mode).to(dtype)
-    y64 = modulated_rms_norm_float64(x, w, s, h, 1e-6, 0.0)
+    y_eager = modulated_rms_norm_eager(x, w, s, h, 1e-6, offset, mode, scale_offset).to(dtype)
+    y64 = modulated_rms_norm_float64(x, w, s, h, 1e-6, offset, scale_offset)
     assert rel_err(y, y64) <= 1.05 * rel_err(y_eager, y64) + noise_floor(y)
     if dtype == torch.float32:
         torch.testing.assert_close(y, y_eager, atol=1e-4, rtol=1e-6)
+
+
+def test_forward_row_block_kernel_is_the_one_that_runs():
+    # The cases above check values, not which kernel made them: this one checks the routing.
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 37, 4096, device="cuda", dtype=torch.bfloat16)
+    s = torch.randn(2, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    modnorm.modulated_rms_norm(x, None, s, s)  # warm up
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        modnorm.modulated_rms_norm(x, None, s, s)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert any("forward_row_block_kernel" in n for n in names), names
