@@ -24,8 +24,11 @@ args = parser.parse_args()
 for case in GPU_CASES:
     if case.name not in args.cases:
         continue
-    x, w, s, h = make_inputs(case, "cuda")
-    fn = provider_fns(case, "cuda")[args.provider]
+    x, w, s, h = make_inputs(case, "cuda", requires_grad=not args.forward_only)
+    fns = provider_fns(case, "cuda")
+    if args.provider not in fns:
+        parser.error(f"--provider {args.provider!r} is not available here; choose from {sorted(fns)}")
+    fn = fns[args.provider]
     if fn == "compile":
         from modnorm.bench import modulated_rms_norm_eager
 
