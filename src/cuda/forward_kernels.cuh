@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(THREADS)
     forward_row_block_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(THREADS % 32 == 0 && VEC % 2 == 0, "whole warps, pairs of elements");
   using Raw = XRaw<XT, VEC>;
-  __shared__ float red[THREADS / 32];
+  __shared__ float red[THREADS / 32];  // a float per warp: all team_sum_rt<THREADS> writes
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
   const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
@@ -434,14 +434,8 @@ __global__ void __launch_bounds__(THREADS)
       if constexpr (H) hr[i] = __ldg(hrow + v);
     }
   }
-  float sum = sum_squares_held<XT, VEC, NV>(xr);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if ((t & 31) == 0) red[t >> 5] = sum;
-  __syncthreads();  // one row per block: red is never reused, so no second barrier
-  sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < THREADS / 32; ++i) sum += red[i];
+  // One row per block: red is never reused, so team_sum_rt's single barrier is all it needs.
+  const float sum = team_sum_rt<THREADS>(sum_squares_held<XT, VEC, NV>(xr), red);
   const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
   if (t == 0) p.rstd[row] = rstd;
   Raw* yrow = reinterpret_cast<Raw*>(elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim)));
