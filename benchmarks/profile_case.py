@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from modnorm.bench import GPU_CASES, make_inputs, provider_fns
+from modnorm.bench import GPU_CASES, compiled_eager, make_inputs, provider_fns
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("cases", nargs="*", default=["ltx2b-t2v"])
@@ -30,10 +30,7 @@ for case in GPU_CASES:
         parser.error(f"--provider {args.provider!r} is not available here; choose from {sorted(fns)}")
     fn = fns[args.provider]
     if fn == "compile":
-        from modnorm.bench import modulated_rms_norm_eager
-
-        torch._dynamo.reset()
-        fn = torch.compile(lambda x, w, s, h: modulated_rms_norm_eager(x, w, s, h, 1e-6), dynamic=False)
+        fn = compiled_eager()
     dy = torch.randn_like(x)
     grads_of = [t for t in (x, w, s, h) if t is not None]
     for _ in range(args.reps):
