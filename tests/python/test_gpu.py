@@ -128,7 +128,6 @@ def test_backward_long_rows_bitwise_repeatable(kind):
 # every operand set it has a kernel for, plus per-token modulation, offset 0.5 with scale_offset
 # 0, and x rows strided by D + 64 elements (16-byte aligned, so still this kernel). Outputs start
 # as NaN (conftest), and y must match float64 at least as well as the eager code does.
-ROW_BLOCK_DEVICE = "cuda"
 ROW_BLOCK_CASES = [
     (dtype, mode)
     for dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -144,7 +143,7 @@ def test_forward_row_block_operand_sets(vecs, dtype, mode, operands):
     from helpers import rel_err
     from modnorm.reference import modulated_rms_norm_float64
 
-    dev = ROW_BLOCK_DEVICE
+    dev = "cuda"
     B, T = 2, 37
     D = vecs * 16 // torch.tensor([], dtype=dtype).element_size()
     pad = 64 if operands.endswith("strided") else 0
