@@ -298,9 +298,11 @@ constexpr int backward_const_min_blocks() {
   return THREADS >= 512 ? 1 : 512 / THREADS;
 }
 
-// RING (sm_90+, block-wide teams): x and dy rows come through p.ring_stages shared-memory stages
-// filled by thread 0's bulk copies (device_utils.cuh) instead of one row ahead in registers, so a
-// block keeps several rows in flight (wan14b forward+backward 78 -> 84% of its floor).
+// RING (sm_90+): x and dy rows come through p.ring_stages shared-memory stages filled by thread
+// 0's bulk copies (device_utils.cuh) instead of one row ahead in registers, so a block keeps
+// several rows in flight (wan14b forward+backward 78 -> 84% of its floor). Block-wide teams take
+// a row per stage; warp teams (short rows) a tile of TEAMS consecutive rows per stage, with their
+// rstd, and the block refills a stage after one barrier per tile.
 // TOKEN (with RING): per-token scale rows, the third row of each stage. The weight stays in
 // registers, m comes per row: dscale = g * weight_factor(xhat) * w is written per row and the
 // dweight partial sums g * m * weight_factor(xhat).
@@ -312,11 +314,13 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     backward_const_kernel(const __grid_constant__ BackwardArgs p) {
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   static_assert(M != CastingMode::kGemma, "gemma's dscale does not factor");
-  static_assert(!RING || TEAMS == 1, "rings serve block-wide teams");
-  static_assert(!TOKEN || RING, "per-token scale rows come through the ring");
+  static_assert(!TOKEN || (RING && TEAMS == 1), "per-token scale rows come through the ring");
+  constexpr bool kTileRing = RING && TEAMS > 1;
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[32];
   // [TEAMS][dim] team partials when TEAMS > 1; the ring's stages (x row, then dy row) with RING.
+  // A tile ring's stages hold [TEAMS x rows][TEAMS dy rows][TEAMS rstd], and the team partials
+  // reuse them once every stage has been read.
   extern __shared__ __align__(16) float team_partials[];
   __shared__ uint64_t ring_full[RING ? kMaxRingStages : 1];
   const int team = threadIdx.x / TPR;
@@ -359,9 +363,46 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
   const unsigned row_bytes = static_cast<unsigned>(p.dim_vecs) * 16u;
   const int scale_bytes = p.scale_dtype == kDtF32 ? 4 : 2;
   const unsigned m_row_bytes = TOKEN ? static_cast<unsigned>(p.dim * scale_bytes) : 0u;
-  const unsigned stage_bytes = 2 * row_bytes + m_row_bytes;
+  const unsigned tile_rows_bytes = kTileRing ? TEAMS * row_bytes : row_bytes;
+  const unsigned stage_bytes =
+      kTileRing ? (2 * tile_rows_bytes + TEAMS * 4 + 15) / 16 * 16 : 2 * row_bytes + m_row_bytes;
   const int stages = p.ring_stages;
+  // Tile rings: the tile of rows [base, base + TEAMS) clipped to the block's end, as one bulk copy
+  // per tensor where its rows are contiguous, and the tile's rstd as one more where 16-byte
+  // aligned, else by cp.async counted on the same barrier.
+  auto tile_issue = [&](int slot, int64_t base) {
+    char* stage = ring + slot * stage_bytes;
+    const int n = static_cast<int>(min(static_cast<int64_t>(TEAMS), row_end - base));
+    // (rstd may be any float32 view the caller kept: its address decides, not base alone.)
+    const bool rstd_bulk = reinterpret_cast<uintptr_t>(p.rstd + base) % 16 == 0 && n % 4 == 0;
+    if (!rstd_bulk) {
+      for (int r = 0; r < n; ++r) {
+        cp_async_4_on_mbar(stage + 2 * tile_rows_bytes + 4 * r, p.rstd + base + r,
+                           &ring_full[slot]);
+      }
+    }
+    mbar_expect_bytes(&ring_full[slot], 2 * n * row_bytes + (rstd_bulk ? 4 * n : 0));
+    auto rows_in = [&](char* dst, const void* src, int64_t stride) {
+      if (stride * static_cast<int64_t>(sizeof(XRaw<XT, VEC>) / VEC) == row_bytes) {
+        bulk_copy_to_shared(dst, elem_ptr<XT>(src, base * stride), n * row_bytes, &ring_full[slot]);
+      } else {
+        for (int r = 0; r < n; ++r) {
+          bulk_copy_to_shared(dst + r * row_bytes, elem_ptr<XT>(src, (base + r) * stride),
+                              row_bytes, &ring_full[slot]);
+        }
+      }
+    };
+    rows_in(stage, p.x, p.x_row_stride);
+    rows_in(stage + tile_rows_bytes, p.dy, p.dy_row_stride);
+    if (rstd_bulk) {
+      bulk_copy_to_shared(stage + 2 * tile_rows_bytes, p.rstd + base, 4 * n, &ring_full[slot]);
+    }
+  };
   auto ring_issue = [&](int slot, int64_t row) {
+    if constexpr (kTileRing) {
+      tile_issue(slot, row);
+      return;
+    }
     char* stage = ring + slot * stage_bytes;
     mbar_expect_bytes(&ring_full[slot], stage_bytes);
     bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes,
@@ -385,7 +426,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
         ring_issue(s, row_begin + s * step);
       }
     }
-    if (row_begin < row_end) rstd_next = p.rstd[row_begin];
+    if (!kTileRing && row_begin < row_end) rstd_next = p.rstd[row_begin];
     __syncthreads();  // the barriers are initialized before any thread waits on them
   } else if (row_begin + team < row_end) {
     load_x_dy_row<XT>(p, row_begin + team, lane, TPR, x_next, g_next);
@@ -399,8 +440,29 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     // TOKEN: this row's m * w, kept until dx (the stage is refilled after the sum).
     float mw_row[TOKEN ? NV : 1][VEC];
     const char* staged_m = nullptr;
-    const float rstd = rstd_next;
-    if constexpr (RING) {
+    float rstd = rstd_next;
+    if constexpr (kTileRing) {
+      mbar_wait(&ring_full[cursor.slot], cursor.parity);
+      const char* stage = ring + cursor.slot * stage_bytes;
+      const Raw* staged_x = reinterpret_cast<const Raw*>(stage + team * row_bytes);
+      const Raw* staged_g = reinterpret_cast<const Raw*>(stage + tile_rows_bytes + team * row_bytes);
+      if (active) {
+        rstd = reinterpret_cast<const float*>(stage + 2 * tile_rows_bytes)[team];
+#pragma unroll
+        for (int i = 0; i < NV; ++i) {
+          const int v = lane + i * TPR;
+          if (v < p.dim_vecs) {
+            xr[i] = staged_x[v];
+            gr[i] = staged_g[v];
+          }
+        }
+      }
+      __syncthreads();  // every team holds its row: the stage may be refilled
+      if (threadIdx.x == 0 && base + stages * step < row_end) {
+        ring_issue(cursor.slot, base + stages * step);
+      }
+      cursor.next(stages);
+    } else if constexpr (RING) {
       if (row + step < row_end) rstd_next = p.rstd[row + step];
       mbar_wait(&ring_full[cursor.slot], cursor.parity);
       const char* stage = ring + cursor.slot * stage_bytes;
@@ -468,7 +530,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       }
     }
     const float c = team_sum<TPR>(dot, red) * p.inv_dim;
-    if constexpr (RING) {
+    if constexpr (RING && !kTileRing) {
       // Past the sum's barriers every thread holds this stage's rows in registers: refill it.
       if (threadIdx.x == 0 && row + stages * step < row_end) {
         ring_issue(cursor.slot, row + stages * step);

@@ -2,8 +2,9 @@
 //
 // Paths, chosen from the plan alone:
 //   backward: up to 1024 16-byte vectors per row, backward_const_kernel when every row of a block
-//             reads one scale row (on sm_90+ its block-wide rows stream x and dy through a ring
-//             of bulk copies; per-token scale rows too, as a third row of each stage),
+//             reads one scale row (on sm_90+ its rows stream x and dy through a ring of bulk
+//             copies: a row a stage for block-wide teams, with per-token scale rows as a third
+//             row of each stage; a tile of rows and their rstd a stage for warp teams),
 //             backward_pipe_kernel (rows streamed through a cp.async ring) for other per-token
 //             scale and short rows, else backward_reg_kernel, computing dx, dweight
 //             partials, per-row dscale/dshift, and fused partials for shared blocked (per-sample /
@@ -182,7 +183,42 @@ struct BackwardImpl {
       // scale rows whose start and length are 16-byte aligned. MODNORM_BACKWARD_KERNEL=const keeps
       // rows in registers (and per-token scale on the pipe kernel), =pipe or =reg skip the ring.
       const bool token_ring = stage_m && forced != "reg" && scale_rows_bulk_copyable(p);
+      // Short rows (warp teams) take a tile ring on sm_90+: TEAMS consecutive rows and their rstd
+      // a stage (qk-norm backward 72 -> 77% of its floor on H100, performance log, session 8).
       if constexpr (M != CastingMode::kGemma) {
+        if (const_candidate && !token_ring && allow_ring && forced != "const" && !force_pipe &&
+            dv <= 64 && info.cc_major >= 9) {
+          visit_backward_config<kVec>(dv, [&](auto config) {
+            using C = decltype(config);
+            if constexpr (C::kTeams > 1) {
+              const void* ring_kernel = reinterpret_cast<const void*>(
+                  cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams,
+                                                     true, false>);
+              const int64_t stage_bytes =
+                  round_up(2 * int64_t(C::kTeams) * dv * 16 + int64_t(C::kTeams) * 4, 16);
+              // ~32 KB in flight per SM: on qk-norm 3 stages (33 KB) beat 5 (66 KB) and 8 by
+              // 3 points, as fewer concurrent row streams did for the block-wide ring.
+              const int reg_blocks = blocks_per_sm(device, ring_kernel, C::kThreads, 0);
+              int stages = forced_stages > 0
+                               ? forced_stages
+                               : 1 + int(ceil_div(32 * 1024, reg_blocks * stage_bytes));
+              stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
+              auto fits = [&](int n) {
+                return n * stage_bytes + kStaticSmemReserve <= info.max_smem_optin;
+              };
+              while (stages > 2 && !fits(stages)) --stages;
+              if (!fits(stages)) return;
+              kernel = ring_kernel;
+              l.ring_stages = stages;
+              // The team partials reuse the stages at the end: stage_bytes >= teams * dim floats.
+              l.reg_smem = size_t(stages * stage_bytes);
+              l.threads = C::kThreads;
+              l.teams = C::kTeams;
+              l.const_mod = true;
+              l.reg_path = true;
+            }
+          });
+        }
         if ((const_candidate || token_ring) && allow_ring && forced != "const" && !force_pipe &&
             dv > 64 && info.cc_major >= 9) {
           visit_backward_config<kVec>(dv, [&](auto config) {
@@ -506,11 +542,15 @@ struct BackwardImpl {
           if constexpr (M != CastingMode::kGemma) {
             visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
               using C = decltype(config);
-              if constexpr (C::kTeams == 1) {
-                constexpr int NV = C::kNV, TPR = C::kTPR;
-                auto kernel = cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, 1, true>;
-                if (l.token) {
-                  kernel = cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, 1, true, true>;
+              constexpr int NV = C::kNV, TPR = C::kTPR, TEAMS = C::kTeams;
+              {
+                auto kernel =
+                    cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, TEAMS, true>;
+                if constexpr (TEAMS == 1) {
+                  if (l.token) {
+                    kernel =
+                        cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, 1, true, true>;
+                  }
                 }
                 a.ring_stages = l.ring_stages;
                 allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);

@@ -495,6 +495,18 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
   __trap();  // rings are only launched on sm_90+
 #endif
 }
+// 4 bytes from global `src` into shared `dst` by cp.async, counted on `bar` as one more arrival
+// of its current phase (the arrival happens when the copy lands, so the phase cannot complete
+// before it). For a per-row scalar that travels with a bulk-copied row.
+__device__ __forceinline__ void cp_async_4_on_mbar(void* dst, const void* src, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.ca.shared.global [%0], [%1], 4;\n"
+      "cp.async.mbarrier.arrive.shared.b64 [%2];\n" ::"r"(smem_u32(dst)),
+      "l"(src), "r"(smem_u32(bar))
+      : "memory");
+#endif
+}
 // bytes from global `src` into shared `dst`, completing on `bar`.
 __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes,
                                                     uint64_t* bar) {
