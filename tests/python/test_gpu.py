@@ -122,6 +122,48 @@ def test_backward_long_rows_bitwise_repeatable(kind):
             assert torch.equal(a, b)
 
 
+# backward_const_kernel's tile ring (sm_90+, rows of at most 64 16-byte vectors, warp teams): a
+# stage holds a tile of TEAMS consecutive rows, their dy rows and their rstd. D = 64..512 bf16
+# reaches every warp-team shape (8 to 64 vectors); T = 37 rows per sample makes tiles that start
+# off a multiple of 4 rows (rstd by cp.async instead of a bulk copy) and end short of TEAMS rows.
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("kind", ["per_sample", "chunk", "shared"])
+@pytest.mark.parametrize("T", [37, 300])
+def test_backward_tile_ring_against_float64(D, kind, T):
+    from test_accuracy import check_case
+
+    check_case("cuda", torch.bfloat16, "llama", 0.0, kind, True, True, D=D, T=T)
+
+
+# The same rows read through per-row bulk copies (x and dy rows strided by D + 64 elements) give
+# bitwise the gradients of contiguous rows (one bulk copy per tile), with the same rstd, also when
+# that rstd sits 4 bytes off 16-byte alignment, and three runs agree bitwise.
+@pytest.mark.parametrize("D", [64, 128, 512])
+def test_backward_tile_ring_strided_rows_and_repeatable(D):
+    B, T = 3, 37
+    ops = torch.ops.modnorm
+    x_wide = torch.randn(B, T, D + 64, device="cuda").to(torch.bfloat16)
+    dy_wide = torch.randn(B, T, D + 64, device="cuda").to(torch.bfloat16)
+    w = (1 + 0.5 * torch.randn(D, device="cuda")).to(torch.bfloat16)
+    s = (0.3 * torch.randn(B, 1, D, device="cuda")).to(torch.bfloat16)
+    h = (0.3 * torch.randn(B, 1, D, device="cuda")).to(torch.bfloat16)
+    x, dy = x_wide[..., :D], dy_wide[..., :D]
+    assert x.stride(1) == D + 64 and dy.stride(1) == D + 64
+    _, rstd = ops.fwd(x.contiguous(), w, s, h, 1e-6, 0.0, 1.0, "llama")
+    mask = [True, True, True, True]
+    strided = ops.bwd(dy, x, rstd, w, s, h, 0.0, 1.0, "llama", mask)
+    # rstd as a view 4 bytes into its storage: no tile's rstd is 16-byte aligned (cp.async path).
+    rstd_shifted = torch.empty(rstd.numel() + 1, device="cuda")[1:].view_as(rstd)
+    rstd_shifted.copy_(rstd)
+    shifted = ops.bwd(dy.contiguous(), x.contiguous(), rstd_shifted, w, s, h, 0.0, 1.0, "llama", mask)
+    for a, b in zip(strided, shifted):
+        assert torch.equal(a, b)
+    for _ in range(3):
+        contiguous = ops.bwd(dy.contiguous(), x.contiguous(), rstd, w, s, h, 0.0, 1.0, "llama", mask)
+        for a, b in zip(strided, contiguous):
+            assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 # forward_row_block_kernel (rows of 129-1024 16-byte vectors, weight and modulation in x's dtype):
 # each of its block sizes (145, 512 and 1024 vectors: 128, 256 and 512 threads) for bf16, fp16 and
 # fp32 x, llama and no casting (float32 has no llama rounding: dispatch treats it as none), and
