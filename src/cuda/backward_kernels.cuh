@@ -415,6 +415,19 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       bulk_copy_to_shared(stage + 2 * row_bytes, m_row, m_row_bytes, &ring_full[slot]);
     }
   };
+  // This thread's vectors of a staged x row and dy row, into registers.
+  auto take_staged_rows = [&](const char* x_row, const char* g_row, Raw(&xr)[NV], Raw(&gr)[NV]) {
+    const Raw* staged_x = reinterpret_cast<const Raw*>(x_row);
+    const Raw* staged_g = reinterpret_cast<const Raw*>(g_row);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int v = lane + i * TPR;
+      if (v < p.dim_vecs) {
+        xr[i] = staged_x[v];
+        gr[i] = staged_g[v];
+      }
+    }
+  };
   RingCursor cursor;
   Raw x_next[RING ? 1 : NV], g_next[RING ? 1 : NV];
   float rstd_next = 0.f;
@@ -444,18 +457,10 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     if constexpr (kTileRing) {
       mbar_wait(&ring_full[cursor.slot], cursor.parity);
       const char* stage = ring + cursor.slot * stage_bytes;
-      const Raw* staged_x = reinterpret_cast<const Raw*>(stage + team * row_bytes);
-      const Raw* staged_g = reinterpret_cast<const Raw*>(stage + tile_rows_bytes + team * row_bytes);
       if (active) {
         rstd = reinterpret_cast<const float*>(stage + 2 * tile_rows_bytes)[team];
-#pragma unroll
-        for (int i = 0; i < NV; ++i) {
-          const int v = lane + i * TPR;
-          if (v < p.dim_vecs) {
-            xr[i] = staged_x[v];
-            gr[i] = staged_g[v];
-          }
-        }
+        take_staged_rows(stage + team * row_bytes, stage + tile_rows_bytes + team * row_bytes, xr,
+                         gr);
       }
       __syncthreads();  // every team holds its row: the stage may be refilled
       if (threadIdx.x == 0 && base + stages * step < row_end) {
@@ -466,17 +471,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       if (row + step < row_end) rstd_next = p.rstd[row + step];
       mbar_wait(&ring_full[cursor.slot], cursor.parity);
       const char* stage = ring + cursor.slot * stage_bytes;
-      const Raw* staged_x = reinterpret_cast<const Raw*>(stage);
-      const Raw* staged_g = reinterpret_cast<const Raw*>(stage + row_bytes);
       staged_m = stage + 2 * row_bytes;
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        const int v = lane + i * TPR;
-        if (v < p.dim_vecs) {
-          xr[i] = staged_x[v];
-          gr[i] = staged_g[v];
-        }
-      }
+      take_staged_rows(stage, stage + row_bytes, xr, gr);
     } else if (advance_x_dy_rows<XT>(p, row + step, row + step < row_end, lane, TPR, xr, gr,
                                      x_next, g_next)) {
       rstd_next = p.rstd[row + step];

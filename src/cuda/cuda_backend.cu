@@ -183,6 +183,29 @@ struct BackwardImpl {
       // scale rows whose start and length are 16-byte aligned. MODNORM_BACKWARD_KERNEL=const keeps
       // rows in registers (and per-token scale on the pipe kernel), =pipe or =reg skip the ring.
       const bool token_ring = stage_m && forced != "reg" && scale_rows_bulk_copyable(p);
+      // Plans backward_const_kernel<RING> `ring_kernel`: stages so that the blocks its registers
+      // allow keep ~`in_flight` bytes per SM, as far as shared memory allows (none if two do not
+      // fit). The stages also hold a tile ring's team partials at the end (>= teams * dim floats).
+      auto take_ring = [&](const void* ring_kernel, int threads, int teams, int64_t stage_bytes,
+                           int64_t in_flight, bool token) {
+        const int reg_blocks = blocks_per_sm(device, ring_kernel, threads, 0);
+        int stages = forced_stages > 0 ? forced_stages
+                                       : 1 + int(ceil_div(in_flight, reg_blocks * stage_bytes));
+        stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
+        auto fits = [&](int n) {
+          return n * stage_bytes + kStaticSmemReserve <= info.max_smem_optin;
+        };
+        while (stages > 2 && !fits(stages)) --stages;
+        if (!fits(stages)) return;
+        kernel = ring_kernel;
+        l.ring_stages = stages;
+        l.token = token;
+        l.reg_smem = size_t(stages * stage_bytes);
+        l.threads = threads;
+        l.teams = teams;
+        l.const_mod = true;
+        l.reg_path = true;
+      };
       // Short rows (warp teams) take a tile ring on sm_90+: TEAMS consecutive rows and their rstd
       // a stage (qk-norm backward 72 -> 77% of its floor on H100, performance log, session 8).
       if constexpr (M != CastingMode::kGemma) {
@@ -198,24 +221,7 @@ struct BackwardImpl {
                   round_up(2 * int64_t(C::kTeams) * dv * 16 + int64_t(C::kTeams) * 4, 16);
               // ~32 KB in flight per SM: on qk-norm 3 stages (33 KB) beat 5 (66 KB) and 8 by
               // 3 points, as fewer concurrent row streams did for the block-wide ring.
-              const int reg_blocks = blocks_per_sm(device, ring_kernel, C::kThreads, 0);
-              int stages = forced_stages > 0
-                               ? forced_stages
-                               : 1 + int(ceil_div(32 * 1024, reg_blocks * stage_bytes));
-              stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
-              auto fits = [&](int n) {
-                return n * stage_bytes + kStaticSmemReserve <= info.max_smem_optin;
-              };
-              while (stages > 2 && !fits(stages)) --stages;
-              if (!fits(stages)) return;
-              kernel = ring_kernel;
-              l.ring_stages = stages;
-              // The team partials reuse the stages at the end: stage_bytes >= teams * dim floats.
-              l.reg_smem = size_t(stages * stage_bytes);
-              l.threads = C::kThreads;
-              l.teams = C::kTeams;
-              l.const_mod = true;
-              l.reg_path = true;
+              take_ring(ring_kernel, C::kThreads, C::kTeams, stage_bytes, 32 * 1024, false);
             }
           });
         }
@@ -232,25 +238,7 @@ struct BackwardImpl {
               const int64_t m_row_bytes =
                   token_ring ? p.dim * int64_t(dtype_size(p.scale.dtype)) : 0;
               const int64_t stage_bytes = 2 * int64_t(dv) * 16 + m_row_bytes;
-              // Stages so that the blocks the registers allow keep ~64 KB in flight per SM.
-              const int reg_blocks = blocks_per_sm(device, ring_kernel, C::kThreads, 0);
-              int stages = forced_stages > 0
-                               ? forced_stages
-                               : 1 + int(ceil_div(64 * 1024, reg_blocks * stage_bytes));
-              stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
-              auto fits = [&](int n) {
-                return n * stage_bytes + kStaticSmemReserve <= info.max_smem_optin;
-              };
-              while (stages > 2 && !fits(stages)) --stages;
-              if (!fits(stages)) return;
-              kernel = ring_kernel;
-              l.ring_stages = stages;
-              l.token = token_ring;
-              l.reg_smem = size_t(stages * stage_bytes);
-              l.threads = C::kThreads;
-              l.teams = 1;
-              l.const_mod = true;
-              l.reg_path = true;
+              take_ring(ring_kernel, C::kThreads, 1, stage_bytes, 64 * 1024, token_ring);
             }
           });
         }
