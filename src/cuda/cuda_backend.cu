@@ -531,20 +531,16 @@ struct BackwardImpl {
             visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
               using C = decltype(config);
               constexpr int NV = C::kNV, TPR = C::kTPR, TEAMS = C::kTeams;
-              {
-                auto kernel =
-                    cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, TEAMS, true>;
-                if constexpr (TEAMS == 1) {
-                  if (l.token) {
-                    kernel =
-                        cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, 1, true, true>;
-                  }
+              auto kernel = cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, TEAMS, true>;
+              if constexpr (TEAMS == 1) {
+                if (l.token) {
+                  kernel = cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, 1, true, true>;
                 }
-                a.ring_stages = l.ring_stages;
-                allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
-                kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
-                check_launch("modnorm backward_const_kernel");
               }
+              a.ring_stages = l.ring_stages;
+              allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
+              kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
+              check_launch("modnorm backward_const_kernel");
             });
           }
         } else {
