@@ -10,6 +10,12 @@ if [[ "${MODNORM_USE_SYSTEM_PYTHON:-0}" == "1" ]]; then
   PY=python3
 else
   if [[ ! -x .venv/bin/python ]]; then
+    # torch with its CUDA libraries takes ~6 GB installed, plus the downloads: a full disk
+    # otherwise shows up only as pip's "No space left on device".
+    free_gib=$(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+    if (( free_gib < 12 )); then
+      echo "[modnorm] warning: ${free_gib} GiB free here; the pinned environment needs about 12 GiB" >&2
+    fi
     echo "[modnorm] creating .venv" >&2
     python3 -m venv .venv
   fi
