@@ -5,8 +5,8 @@
 Runs the benchmark's forward+backward step (torch.autograd.grad against every input) under
 torch.profiler, each step after an L2 flush as triton's do_bench does, and prints per case the
 median duration of each kernel of the step and of the step's span on the GPU (first kernel start
-to last kernel end), against the BENCH.md floors at the copy bandwidth given by --bandwidth
-(GB/s, read + write; the benchmark's table prints it). The gap between the span and the kernels'
+to last kernel end), against the BENCH.md floors at the copy bandwidth measured as the benchmark
+measures it (or given by --bandwidth, GB/s read + write, which skips measuring it). The gap between the span and the kernels'
 sum is the time the GPU sat between kernels.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import modnorm
-from modnorm.bench import GPU_CASES, make_inputs, min_bytes
+from modnorm.bench import GPU_CASES, copy_bandwidth, make_inputs, min_bytes, time_gpu
 
 
 def short_name(name: str) -> str:
@@ -67,10 +67,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cases", nargs="*")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--bandwidth", type=float, default=4220.0, help="copy bandwidth, GB/s")
+    ap.add_argument("--bandwidth", type=float, default=0.0,
+                    help="copy bandwidth, GB/s (default: measured, as the benchmark does)")
     args = ap.parse_args(argv)
     names = args.cases or [c.name for c in GPU_CASES]
-    bw = args.bandwidth * 1e9
+    # (The old fixed default, an H200's 4220 GB/s, put every share on an H100 ~29% low.)
+    bw = args.bandwidth * 1e9 if args.bandwidth > 0 else copy_bandwidth("cuda", time_gpu)
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
     for case in GPU_CASES:
         if case.name not in names:
             continue
