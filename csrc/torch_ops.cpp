@@ -319,10 +319,32 @@ struct ModulatedRMSNormFunction : public torch::autograd::Function<ModulatedRMSN
   }
 };
 
+// Whether a call records an autograd node: grad mode on and some input requiring grad, or a
+// forward-mode gradient (dual tensor) that the Function must see to reject.
+bool records_autograd(const at::Tensor& x, const OptTensor& weight, const OptTensor& scale,
+                      const OptTensor& shift) {
+  auto touched = [](const at::Tensor& t, bool grad_mode) {
+    return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(0).defined());
+  };
+  const bool grad_mode = at::GradMode::is_enabled();
+  return touched(x, grad_mode) || (weight && touched(*weight, grad_mode)) ||
+         (scale && touched(*scale, grad_mode)) || (shift && touched(*shift, grad_mode));
+}
+
 at::Tensor modulated_rms_norm_autograd(const at::Tensor& x, const OptTensor& weight,
                                        const OptTensor& scale, const OptTensor& shift, double eps,
                                        double offset, double scale_offset,
                                        c10::string_view casting_mode, bool in_place) {
+  if (!records_autograd(x, weight, scale, shift)) {
+    // No graph to record (no_grad, or no input requiring grad): the forward alone, without the
+    // Function's context and saved state: one eager call 6.7 -> 4.6 us of host time on the CPU
+    // backend (performance log, session 9).
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("modnorm::fwd", "")
+                         .typed<decltype(fwd)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return std::get<0>(op.call(x, weight, scale, shift, eps, offset, scale_offset, casting_mode));
+  }
   return ModulatedRMSNormFunction::apply(x, weight, scale, shift, eps, offset, scale_offset,
                                          casting_mode, in_place);
 }

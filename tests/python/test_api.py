@@ -131,6 +131,45 @@ def test_inference_mode_and_no_grad(device):
         torch.testing.assert_close(modnorm.modulated_rms_norm(x, None, s), expect)
 
 
+# The autograd kernel records a node only when there is a graph to record; otherwise it runs the
+# forward alone (host time). Either way the values are the same, bit for bit.
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd_node_only_when_recorded(device):
+    x = torch.randn(2, 3, 16, device=device, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(16, device=device)).requires_grad_()
+    s = torch.randn(2, 16, device=device, requires_grad=True)
+    h = torch.randn(2, 16, device=device, requires_grad=True)
+    y = modnorm.modulated_rms_norm(x, w, s, h)
+    assert y.grad_fn is not None
+    with torch.no_grad():
+        y_no_grad = modnorm.modulated_rms_norm(x, w, s, h)
+    y_detached = modnorm.modulated_rms_norm(x.detach(), w.detach(), s.detach(), h.detach())
+    for out in (y_no_grad, y_detached):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, y.detach())
+    # One input requiring grad is enough for a node, and it gets the eager code's gradient.
+    dy = torch.randn_like(y)
+    y_w = modnorm.modulated_rms_norm(x.detach(), w, s.detach(), None)
+    assert y_w.grad_fn is not None
+    (dw,) = torch.autograd.grad(y_w, w, dy)
+    y_eager = modnorm.reference.modulated_rms_norm_eager(x.detach(), w, s.detach(), None)
+    (dw_eager,) = torch.autograd.grad(y_eager, w, dy)
+    torch.testing.assert_close(dw, dw_eager, atol=1e-4, rtol=1e-5)
+
+
+# Forward-mode AD is not implemented; a dual input is refused with or without grad mode, never
+# silently run without its tangent.
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_forward_mode_ad_is_refused(grad_mode):
+    import torch.autograd.forward_ad as fwAD
+
+    s = torch.randn(2, 16)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        x = fwAD.make_dual(torch.randn(2, 3, 16), torch.randn(2, 3, 16))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            modnorm.modulated_rms_norm(x, None, s)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_input(device):
     x = torch.randn(2, 0, 16, device=device, requires_grad=True)
