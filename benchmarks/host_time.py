@@ -11,23 +11,11 @@ On a CPU the tiny kernel adds well under a microsecond, so the figures are the b
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import modnorm
-
-
-def per_call_us(fn, calls=5000, rounds=9):
-    fn()
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples)
+from modnorm.bench import host_time_us
 
 
 def main() -> None:
@@ -40,13 +28,14 @@ def main() -> None:
     x, s, h = torch.randn(1, 1, 8, device=dev), torch.randn(1, 8, device=dev), torch.randn(1, 8, device=dev)
     xg, sg, hg = (t.clone().requires_grad_() for t in (x, s, h))
     f = modnorm.modulated_rms_norm
-    plain = per_call_us(lambda: f(x, None, s, h))
-    with torch.no_grad():
-        no_grad = per_call_us(lambda: f(xg, None, sg, hg))
-    recorded = per_call_us(lambda: f(xg, None, sg, hg))
-    op = per_call_us(lambda: torch.ops.modnorm.fwd(x, None, s, h, 1e-6, 0.0, 1.0, "llama"))
-    if dev != "cpu":
-        torch.cuda.synchronize()
+
+    def per_call_us(fn, grad):
+        return host_time_us(fn, dev, batches=9, reps=5000, grad=grad)
+
+    plain = per_call_us(lambda: f(x, None, s, h), grad=True)
+    no_grad = per_call_us(lambda: f(xg, None, sg, hg), grad=False)
+    recorded = per_call_us(lambda: f(xg, None, sg, hg), grad=True)
+    op = per_call_us(lambda: torch.ops.modnorm.fwd(x, None, s, h, 1e-6, 0.0, 1.0, "llama"), grad=False)
     print(f"{args.tag:8s} host us per call ({dev}): no grad inputs {plain:.2f}; grad inputs under no_grad "
           f"{no_grad:.2f}; graph recorded {recorded:.2f}; torch.ops.modnorm.fwd {op:.2f}")
 

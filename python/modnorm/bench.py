@@ -177,11 +177,12 @@ def copy_bandwidth(device, timer):
     return 2 * n / t
 
 
-def host_time_us(fn, device, batches=8, reps=25):
+def host_time_us(fn, device, batches=8, reps=25, grad=False):
     """CPU time of one call: the median over batches of `reps` back-to-back calls (a mean over
-    one long batch let a single stall of the process move the figure by 50%)."""
+    one long batch let a single stall of the process move the figure by 50%), under no_grad
+    unless `grad`."""
     per_call = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         fn()
         for _ in range(batches):
             if device == "cuda":
