@@ -29,7 +29,7 @@ if want tests; then
   grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest-gpu.log" | head -20
 fi
 if want sanitize; then
-  SUBSET='test_accuracy.py::test_odd_sizes or test_accuracy.py::test_large_d or (test_matches_float64 and bfloat16 and llama and weight and shift and (per_sample or chunk or token_shared or per_token)) or test_repeated_backward or test_misaligned or (test_forward_row_tiles and weight_shift and (2048 or 3072)) or test_backward_long_rows_every_mode or test_backward_tile_ring or (test_forward_row_block_operand_sets and bfloat16 and (wsh or none))'
+  SUBSET='test_accuracy.py::test_odd_sizes or test_accuracy.py::test_large_d or (test_matches_float64 and bfloat16 and llama and weight and shift and (per_sample or chunk or token_shared or per_token)) or test_repeated_backward or test_misaligned or (test_forward_row_tiles and weight_shift and (2048 or 3072)) or test_backward_long_rows_every_mode or test_backward_tile_ring or (test_forward_row_block_operand_sets and bfloat16 and (wsh or none)) or (test_forward_row_tile_operand_sets and bfloat16 and (wsh or none))'
   for tool in memcheck racecheck; do
     t0=$(date +%s)
     compute-sanitizer --tool $tool --error-exitcode 99 --target-processes all \

@@ -395,6 +395,35 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
   }
 }
 
+// One vector of y from raw vectors of x and of the present weight / scale / shift (W, S, H), all
+// in x's dtype: the row-block and row-tile kernels' epilogue.
+template <DType XT, CastingMode M, int VEC, bool W, bool S, bool H>
+__device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, const XRaw<XT, VEC>& xr,
+                                                          float rstd, const XRaw<XT, VEC>& wr,
+                                                          const XRaw<XT, VEC>& sr,
+                                                          const XRaw<XT, VEC>& hr) {
+  float n[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
+  xhat_of<XT, M, VEC>(xr, rstd, n);
+  if constexpr (W) {
+    unpack<XT, VEC>(wr, w);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) w[e] += p.offset;
+  }
+  if constexpr (S) {
+    unpack<XT, VEC>(sr, m);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
+  }
+  if constexpr (H) unpack<XT, VEC>(hr, h);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    float o = W ? n[e] * w[e] : n[e];
+    o = S ? o * m[e] : o;
+    out[e] = H ? o + h[e] : o;
+  }
+  return pack<XT, VEC, XRaw<XT, VEC>>(out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward_row_block_kernel: one row per block (grid = rows) of THREADS threads with NV vectors
 // each, for rows of 129-1024 vectors whose weight / scale / shift are in x's dtype (any broadcast
@@ -443,26 +472,64 @@ __global__ void __launch_bounds__(THREADS)
   for (int i = 0; i < NV; ++i) {
     const int v = t + i * THREADS;
     if (v >= p.dim_vecs) continue;
-    float n[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
-    xhat_of<XT, M, VEC>(xr[i], rstd, n);
-    if constexpr (W) {
-      unpack<XT, VEC>(wr[i], w);
+    yrow[v] = modulated_vector<XT, M, VEC, W, S, H>(p, xr[i], rstd, wr[W ? i : 0], sr[S ? i : 0],
+                                                     hr[H ? i : 0]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward_row_tile_kernel: the row-block kernel's shape for short rows (up to 128 vectors, whose
+// weight and modulation are in x's dtype). A block of kRowTileThreads threads is teams of TPR <= 32
+// lanes, a row each (NV vectors a lane); the block's rows are consecutive, so a warp's loads are
+// contiguous. Every load is issued before the row's sum, which is shuffles only (no barrier), and
+// grid = rows / teams: short-lived blocks the hardware replaces as they retire. On H200 this beat
+// forward_const_kernel's persistent teams (one row ahead in registers) by 3% on qk-norm; two or
+// four rows a team were no faster (performance log, session 10).
+constexpr int kRowTileThreads = 256;
+
+template <DType XT, CastingMode M, int VEC, int NV, int TPR, bool W, bool S, bool H>
+__global__ void __launch_bounds__(kRowTileThreads)
+    forward_row_tile_kernel(const __grid_constant__ ForwardArgs p) {
+  static_assert(TPR <= 32 && kRowTileThreads % TPR == 0 && VEC % 2 == 0, "warp teams, pairs");
+  using Raw = XRaw<XT, VEC>;
+  constexpr int kTeams = kRowTileThreads / TPR;
+  const int lane = threadIdx.x % TPR;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TPR;
+  const bool active = row < p.rows;
+  const uint64_t evict_first = l2_evict_first_policy();
+  Raw xr[NV], wr[W ? NV : 1], sr[S ? NV : 1], hr[H ? NV : 1];
+  const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) w[e] += p.offset;
-    }
-    if constexpr (S) {
-      unpack<XT, VEC>(sr[i], m);
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * TPR;
+    // Zeros past the row's end (and in rows past the last) add nothing to the sum.
+    xr[i] = active && v < p.dim_vecs ? load_streamed(xrow + v, evict_first) : Raw{};
+  }
+  const Raw* srow = nullptr;
+  const Raw* hrow = nullptr;
+  if constexpr (S) srow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.scale, active ? map_offset(p.scale_map, row) : 0));
+  if constexpr (H) hrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.shift, active ? map_offset(p.shift_map, row) : 0));
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * TPR;
+    if (active && v < p.dim_vecs) {
+      if constexpr (W) wr[i] = __ldg(static_cast<const Raw*>(p.weight) + v);
+      if constexpr (S) sr[i] = __ldg(srow + v);
+      if constexpr (H) hr[i] = __ldg(hrow + v);
     }
-    if constexpr (H) unpack<XT, VEC>(hr[i], h);
+  }
+  // Every lane of the warp reaches the shuffles: the row test comes after the sum.
+  const float sum = team_sum_rt<TPR>(sum_squares_held<XT, VEC, NV>(xr), nullptr);
+  if (!active) return;
+  const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
+  if (lane == 0) p.rstd[row] = rstd;
+  Raw* yrow = reinterpret_cast<Raw*>(elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim)));
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      float o = W ? n[e] * w[e] : n[e];
-      o = S ? o * m[e] : o;
-      out[e] = H ? o + h[e] : o;
-    }
-    yrow[v] = pack<XT, VEC, Raw>(out);
+  for (int i = 0; i < NV; ++i) {
+    const int v = lane + i * TPR;
+    if (v >= p.dim_vecs) continue;
+    yrow[v] = modulated_vector<XT, M, VEC, W, S, H>(p, xr[i], rstd, wr[W ? i : 0], sr[S ? i : 0],
+                                                     hr[H ? i : 0]);
   }
 }
 

@@ -2,6 +2,8 @@
 //
 //   forward_row_block_kernel: vectorized rows of 129-1024 16-byte vectors whose weight and
 //     modulation are in x's dtype (llama and none casting): one row per block.
+//   forward_row_tile_kernel: the same for rows up to 128 vectors, a warp team per row; taken
+//     before forward_const_kernel without modulation, after it with modulation.
 //   forward_const_kernel: vectorized rows up to 768 16-byte vectors whose blocks can each own rows
 //     that read one scale/shift row (no modulation, per sample, per frame, shared; llama and
 //     none casting): weight * scale and shift held in registers per thread.
@@ -156,9 +158,8 @@ struct ForwardImpl {
   // vectors each, Liger's shape: measured against 4 vectors on half the threads, 2 won on 3 of
   // the 5 cases it serves (performance log, session 7). Returns whether it launched: a shift
   // without a scale, which the plan rejects anyway, has no kernel here.
-  template <int VEC, int THREADS>
+  template <int VEC, int THREADS, int kNV = 2>
   static bool launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
-    constexpr int kNV = 2;
     const bool w = p.weight.present(), s = p.scale.present(), h = p.shift.present();
     const void* kernel = nullptr;
     auto pick = [&](auto wc, auto sc, auto hc) {
@@ -193,9 +194,63 @@ struct ForwardImpl {
       for (const Operand* op : {&p.weight, &p.scale, &p.shift}) {
         if (op->present() && op->dtype != XT) return false;
       }
+      // Rows of 257-384 and 513-768 vectors take three vectors a thread: with two, a quarter of
+      // the threads of a 256 / 512-thread block held nothing (H200: mochi and flux, 384 vectors,
+      // 6% and 8% faster; performance log, session 10).
       if (a.dim_vecs <= 256) return launch_row_block<VEC, 128>(p, a, stream);
+      if (a.dim_vecs <= 384) return launch_row_block<VEC, 128, 3>(p, a, stream);
       if (a.dim_vecs <= 512) return launch_row_block<VEC, 256>(p, a, stream);
+      if (a.dim_vecs <= 768) return launch_row_block<VEC, 256, 3>(p, a, stream);
       return launch_row_block<VEC, 512>(p, a, stream);
+    }
+  }
+
+  // forward_row_tile_kernel: rows of at most 128 vectors, same operand rules as the row block.
+  // Teams of TPR lanes with NV vectors each.
+  template <int VEC, int NV, int TPR>
+  static bool launch_row_tile(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
+    const bool w = p.weight.present(), s = p.scale.present(), h = p.shift.present();
+    const void* kernel = nullptr;
+    auto pick = [&](auto wc, auto sc, auto hc) {
+      if (w == wc.value && s == sc.value && h == hc.value) {
+        kernel = reinterpret_cast<const void*>(cuda_detail::forward_row_tile_kernel<
+                                               XT, M, VEC, NV, TPR, wc.value, sc.value, hc.value>);
+      }
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    pick(F{}, F{}, F{});
+    pick(F{}, T{}, F{});
+    pick(F{}, T{}, T{});
+    pick(T{}, F{}, F{});
+    pick(T{}, T{}, F{});
+    pick(T{}, T{}, T{});
+    if (kernel == nullptr) return false;
+    const int64_t grid = ceil_div(p.rows, int64_t(cuda_detail::kRowTileThreads / TPR));
+    if (grid > INT_MAX) return false;
+    void* args[] = {&a};
+    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                             dim3(cuda_detail::kRowTileThreads), args, 0, stream),
+                            "modnorm forward_row_tile_kernel");
+    check_launch("modnorm forward_row_tile_kernel");
+    return true;
+  }
+
+  template <int VEC>
+  static bool try_row_tile(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
+    if constexpr (M == CastingMode::kGemma) {
+      return false;
+    } else {
+      if (!a.y_vectorized || a.dim_vecs > 128) return false;
+      for (const Operand* op : {&p.weight, &p.scale, &p.shift}) {
+        if (op->present() && op->dtype != XT) return false;
+      }
+      if (a.dim_vecs <= 4) return launch_row_tile<VEC, 1, 4>(p, a, stream);
+      if (a.dim_vecs <= 8) return launch_row_tile<VEC, 1, 8>(p, a, stream);
+      if (a.dim_vecs <= 16) return launch_row_tile<VEC, 1, 16>(p, a, stream);
+      if (a.dim_vecs <= 32) return launch_row_tile<VEC, 1, 32>(p, a, stream);
+      if (a.dim_vecs <= 64) return launch_row_tile<VEC, 2, 32>(p, a, stream);
+      return launch_row_tile<VEC, 4, 32>(p, a, stream);
     }
   }
 
@@ -255,7 +310,13 @@ struct ForwardImpl {
       // row-block kernel and takes the ones it replaced (const, or reg for per-token rows).
       static const bool row_block = env_switch("MODNORM_FORWARD_KERNEL") != "persistent";
       if (row_block && try_row_block<VEC>(p, a, stream)) return;
+      // Short rows: the row tile, except where the const kernel can hold a per-sample / shared
+      // scale and shift in registers (H200, D = 256 with weight, scale and shift per sample: row
+      // tile 47.4 us, const 45.9; without modulation the row tile won by 3-4%).
+      const bool modulated = p.scale.present() || p.shift.present();
+      if (row_block && !modulated && try_row_tile<VEC>(p, a, stream)) return;
       if (launch_const<VEC>(p, a, stream, device)) return;
+      if (row_block && modulated && try_row_tile<VEC>(p, a, stream)) return;
       if (visit_rows_config(a.dim_vecs, [&](auto config) {
             launch_rows<VEC, decltype(config)>(p, a, stream, device);
           })) {

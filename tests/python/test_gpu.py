@@ -177,21 +177,40 @@ ROW_BLOCK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("vecs", [145, 512, 1024])
+ROW_OPERAND_SETS = ["none", "w", "s", "sh", "ws", "wsh", "wsh_token", "wsh_offsets", "wsh_strided"]
+
+
+# 300 and 700 vectors: the three-vectors-a-thread shapes (128 and 256 threads).
+@pytest.mark.parametrize("vecs", [145, 300, 512, 700, 1024])
 @pytest.mark.parametrize("dtype,mode", ROW_BLOCK_CASES, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("operands", ["none", "w", "s", "sh", "ws", "wsh", "wsh_token", "wsh_offsets", "wsh_strided"])
+@pytest.mark.parametrize("operands", ROW_OPERAND_SETS)
 def test_forward_row_block_operand_sets(vecs, dtype, mode, operands):
+    check_row_kernel_operand_set(vecs, dtype, mode, operands, T=37)
+
+
+# forward_row_tile_kernel (rows of at most 128 vectors, same operand rules): each team shape
+# (4, 8, 16 and 32 lanes with one vector, 32 lanes with 2 and 4), rows that fill part of a team,
+# and 602 rows, so the last block is partial for every shape. Its modulation is per token here:
+# per-sample rows of this length go to forward_const_kernel.
+@pytest.mark.parametrize("vecs", [3, 8, 16, 29, 64, 100])
+@pytest.mark.parametrize("dtype,mode", ROW_BLOCK_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("operands", ROW_OPERAND_SETS)
+def test_forward_row_tile_operand_sets(vecs, dtype, mode, operands):
+    check_row_kernel_operand_set(vecs, dtype, mode, operands, T=301, per_token=True)
+
+
+def check_row_kernel_operand_set(vecs, dtype, mode, operands, T, per_token=False):
     from test_accuracy import MARGIN, noise_floor
     from helpers import rel_err
     from modnorm.reference import modulated_rms_norm_float64
 
     dev = "cuda"
-    B, T = 2, 37
+    B = 2
     D = vecs * 16 // torch.tensor([], dtype=dtype).element_size()
     pad = 64 if operands.endswith("strided") else 0
     x = (2.0 * torch.randn(B, T, D + pad, device=dev)).to(dtype)[..., :D]
     w = (1.0 + 0.5 * torch.randn(D, device=dev)).to(dtype) if "w" in operands else None
-    mod_shape = (B, T, D) if operands.endswith("token") else (B, 1, D)
+    mod_shape = (B, T, D) if per_token or operands.endswith("token") else (B, 1, D)
     s = (0.3 * torch.randn(mod_shape, device=dev)).to(dtype) if "s" in operands else None
     h = (0.3 * torch.randn(mod_shape, device=dev)).to(dtype) if "h" in operands else None
     offset, scale_offset = (0.5, 0.0) if operands.endswith("offsets") else (0.0, 1.0)
@@ -204,15 +223,25 @@ def test_forward_row_block_operand_sets(vecs, dtype, mode, operands):
         torch.testing.assert_close(y, y_eager, atol=1e-4, rtol=1e-6)
 
 
-def test_forward_row_block_kernel_is_the_one_that_runs():
+@pytest.mark.parametrize(
+    "D,mod,kernel",
+    [
+        (4096, "per_sample", "forward_row_block_kernel"),
+        (128, "per_token", "forward_row_tile_kernel"),
+        (128, None, "forward_row_tile_kernel"),
+        (128, "per_sample", "forward_const_kernel"),
+    ],
+)
+def test_forward_row_kernel_is_the_one_that_runs(D, mod, kernel):
     # The cases above check values, not which kernel made them: this one checks the routing.
     from torch.profiler import ProfilerActivity, profile
 
-    x = torch.randn(2, 37, 4096, device="cuda", dtype=torch.bfloat16)
-    s = torch.randn(2, 1, 4096, device="cuda", dtype=torch.bfloat16)
-    modnorm.modulated_rms_norm(x, None, s, s)  # warm up
+    x = torch.randn(2, 37, D, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    s = None if mod is None else torch.randn(2, 37 if mod == "per_token" else 1, D, device="cuda", dtype=torch.bfloat16)
+    modnorm.modulated_rms_norm(x, w, s, s)  # warm up
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        modnorm.modulated_rms_norm(x, None, s, s)
+        modnorm.modulated_rms_norm(x, w, s, s)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
-    assert any("forward_row_block_kernel" in n for n in names), names
+    assert any(kernel in n for n in names), names
