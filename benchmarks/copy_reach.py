@@ -19,38 +19,18 @@ how much of the reachable speed it takes.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import modnorm  # noqa: F401  (loads the ops)
-from modnorm.bench import GPU_CASES, copy_bandwidth, make_inputs, min_bytes, time_gpu
+from modnorm.bench import time_gpu
+from op_times import parse_args, time_ops  # this folder (run as a script)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="*", help="BENCH.md case names (default: all)")
-    parser.add_argument("--bandwidth", type=float, default=0.0, help="copy bandwidth in GB/s")
-    args = parser.parse_args()
-    known = [c.name for c in GPU_CASES]
-    for name in args.cases:
-        if name not in known:
-            parser.error(f"unknown case {name!r}; choose from {known}")
-    ops = torch.ops.modnorm
-    bw = args.bandwidth * 1e9 if args.bandwidth > 0 else copy_bandwidth("cuda", time_gpu)
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    _, bw, cases = parse_args(__doc__)
     print(f"{'case':10s} {'copy fwd':>9s} {'modnorm fwd':>12s} {'add bwd':>9s} {'modnorm bwd':>12s}  (% of floor)")
-    for case in GPU_CASES:
-        if args.cases and case.name not in args.cases:
-            continue
-        x, w, s, h = make_inputs(case, "cuda", requires_grad=False)
-        fwd_bytes, bwd_bytes = min_bytes(case, x, w, s, h)
-        _, rstd = ops.fwd(x, w, s, h, 1e-6, 0.0, 1.0, "llama")
-        dy = torch.randn_like(x)
-        mask = [True, w is not None, s is not None, h is not None]
-        t_fwd = time_gpu(lambda: ops.fwd(x, w, s, h, 1e-6, 0.0, 1.0, "llama"))
-        t_bwd = time_gpu(lambda: ops.bwd(dy, x, rstd, w, s, h, 0.0, 1.0, "llama", mask))
-        del x, w, s, h, dy, rstd
+    for case in cases:
+        fwd_bytes, bwd_bytes, t_fwd, t_bwd = time_ops(case)
         src = torch.empty(fwd_bytes // 2, dtype=torch.uint8, device="cuda").random_(0, 255)
         dst = torch.empty_like(src)
         t_copy = time_gpu(lambda: dst.copy_(src))

@@ -20,35 +20,46 @@ import modnorm  # noqa: F401  (loads the ops)
 from modnorm.bench import GPU_CASES, copy_bandwidth, make_inputs, min_bytes, time_gpu
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description: str, tag: bool = False) -> tuple[argparse.Namespace, float, list]:
+    """Case names, --bandwidth (and --tag); returns the arguments, the copy bandwidth in bytes/s
+    (measured unless given) and the chosen BENCH.md cases."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="*", help="BENCH.md case names (default: all)")
     parser.add_argument("--bandwidth", type=float, default=0.0, help="copy bandwidth in GB/s")
-    parser.add_argument("--tag", default="", help="a label printed on every line")
+    if tag:
+        parser.add_argument("--tag", default="", help="a label printed on every line")
     args = parser.parse_args()
     known = [c.name for c in GPU_CASES]
     for name in args.cases:
         if name not in known:
             parser.error(f"unknown case {name!r}; choose from {known}")
-    ops = torch.ops.modnorm
     bw = args.bandwidth * 1e9 if args.bandwidth > 0 else copy_bandwidth("cuda", time_gpu)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    for case in GPU_CASES:
-        if args.cases and case.name not in args.cases:
-            continue
-        x, w, s, h = make_inputs(case, "cuda", requires_grad=False)
-        fwd_bytes, bwd_bytes = min_bytes(case, x, w, s, h)
-        _, rstd = ops.fwd(x, w, s, h, 1e-6, 0.0, 1.0, "llama")
-        dy = torch.randn_like(x)
-        mask = [True, w is not None, s is not None, h is not None]
-        t_fwd = time_gpu(lambda: ops.fwd(x, w, s, h, 1e-6, 0.0, 1.0, "llama"))
-        t_bwd = time_gpu(lambda: ops.bwd(dy, x, rstd, w, s, h, 0.0, 1.0, "llama", mask))
+    return args, bw, [c for c in GPU_CASES if not args.cases or c.name in args.cases]
+
+
+def time_ops(case) -> tuple[int, int, float, float]:
+    """(forward bytes, backward bytes, forward seconds, backward seconds) of the case's ops."""
+    ops = torch.ops.modnorm
+    x, w, s, h = make_inputs(case, "cuda", requires_grad=False)
+    fwd_bytes, bwd_bytes = min_bytes(case, x, w, s, h)
+    _, rstd = ops.fwd(x, w, s, h, 1e-6, 0.0, 1.0, "llama")
+    dy = torch.randn_like(x)
+    mask = [True, w is not None, s is not None, h is not None]
+    t_fwd = time_gpu(lambda: ops.fwd(x, w, s, h, 1e-6, 0.0, 1.0, "llama"))
+    t_bwd = time_gpu(lambda: ops.bwd(dy, x, rstd, w, s, h, 0.0, 1.0, "llama", mask))
+    return fwd_bytes, bwd_bytes, t_fwd, t_bwd
+
+
+def main() -> None:
+    args, bw, cases = parse_args(__doc__, tag=True)
+    for case in cases:
+        fwd_bytes, bwd_bytes, t_fwd, t_bwd = time_ops(case)
         print(
             f"{case.name:10s} {args.tag:8s} fwd {t_fwd * 1e6:8.1f} us {100 * fwd_bytes / bw / t_fwd:5.1f}%"
             f"   bwd {t_bwd * 1e6:8.1f} us {100 * bwd_bytes / bw / t_bwd:5.1f}%",
             flush=True,
         )
-        del x, w, s, h, dy, rstd
 
 
 if __name__ == "__main__":

@@ -153,20 +153,15 @@ struct ForwardImpl {
     check_launch("modnorm forward_rows_kernel");
   }
 
-  // forward_row_block_kernel: rows of 129-1024 vectors with 16-byte stores, llama or no
-  // casting, every present operand in x's dtype (raw vector loads). THREADS threads with two
-  // vectors each, Liger's shape: measured against 4 vectors on half the threads, 2 won on 3 of
-  // the 5 cases it serves (performance log, session 7). Returns whether it launched: a shift
-  // without a scale, which the plan rejects anyway, has no kernel here.
-  template <int VEC, int THREADS, int kNV = 2>
-  static bool launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
+  // The row-block / row-tile kernel instance for the present operands (weight, scale, shift as
+  // template flags), from make(W, S, H); nullptr for a shift without a scale, which the plan
+  // rejects anyway.
+  template <typename Make>
+  static const void* operand_set_kernel(const ForwardPlan& p, Make&& make) {
     const bool w = p.weight.present(), s = p.scale.present(), h = p.shift.present();
     const void* kernel = nullptr;
     auto pick = [&](auto wc, auto sc, auto hc) {
-      if (w == wc.value && s == sc.value && h == hc.value) {
-        kernel = reinterpret_cast<const void*>(
-            cuda_detail::forward_row_block_kernel<XT, M, VEC, kNV, THREADS, wc.value, sc.value, hc.value>);
-      }
+      if (w == wc.value && s == sc.value && h == hc.value) kernel = make(wc, sc, hc);
     };
     using T = std::true_type;
     using F = std::false_type;
@@ -176,13 +171,33 @@ struct ForwardImpl {
     pick(T{}, F{}, F{});
     pick(T{}, T{}, F{});
     pick(T{}, T{}, T{});
-    if (kernel == nullptr) return false;
+    return kernel;
+  }
+
+  // Launches `kernel` (if any) on `grid` blocks; false when there is none or the grid is too big.
+  static bool launch_rows_grid(const void* kernel, int64_t grid, int threads, ForwardArgs& a,
+                               cudaStream_t stream, const char* name) {
+    if (kernel == nullptr || grid > INT_MAX) return false;
     void* args[] = {&a};
-    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(p.rows)),
-                                             dim3(THREADS), args, 0, stream),
-                            "modnorm forward_row_block_kernel");
-    check_launch("modnorm forward_row_block_kernel");
+    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                             dim3(threads), args, 0, stream),
+                            name);
+    check_launch(name);
     return true;
+  }
+
+  // forward_row_block_kernel: rows of 129-1024 vectors with 16-byte stores, llama or no
+  // casting, every present operand in x's dtype (raw vector loads). THREADS threads with kNV
+  // vectors each: two (Liger's shape; 4 vectors on half the threads lost on 3 of 5 cases,
+  // performance log, session 7), or three where two would leave a quarter of the threads empty
+  // (see try_row_block). Returns whether it launched.
+  template <int VEC, int THREADS, int kNV = 2>
+  static bool launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
+    const void* kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) {
+      return reinterpret_cast<const void*>(
+          cuda_detail::forward_row_block_kernel<XT, M, VEC, kNV, THREADS, wc.value, sc.value, hc.value>);
+    });
+    return launch_rows_grid(kernel, p.rows, THREADS, a, stream, "modnorm forward_row_block_kernel");
   }
 
   template <int VEC>
@@ -209,31 +224,12 @@ struct ForwardImpl {
   // Teams of TPR lanes with NV vectors each.
   template <int VEC, int NV, int TPR>
   static bool launch_row_tile(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
-    const bool w = p.weight.present(), s = p.scale.present(), h = p.shift.present();
-    const void* kernel = nullptr;
-    auto pick = [&](auto wc, auto sc, auto hc) {
-      if (w == wc.value && s == sc.value && h == hc.value) {
-        kernel = reinterpret_cast<const void*>(cuda_detail::forward_row_tile_kernel<
-                                               XT, M, VEC, NV, TPR, wc.value, sc.value, hc.value>);
-      }
-    };
-    using T = std::true_type;
-    using F = std::false_type;
-    pick(F{}, F{}, F{});
-    pick(F{}, T{}, F{});
-    pick(F{}, T{}, T{});
-    pick(T{}, F{}, F{});
-    pick(T{}, T{}, F{});
-    pick(T{}, T{}, T{});
-    if (kernel == nullptr) return false;
-    const int64_t grid = ceil_div(p.rows, int64_t(cuda_detail::kRowTileThreads / TPR));
-    if (grid > INT_MAX) return false;
-    void* args[] = {&a};
-    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                             dim3(cuda_detail::kRowTileThreads), args, 0, stream),
-                            "modnorm forward_row_tile_kernel");
-    check_launch("modnorm forward_row_tile_kernel");
-    return true;
+    const void* kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) {
+      return reinterpret_cast<const void*>(
+          cuda_detail::forward_row_tile_kernel<XT, M, VEC, NV, TPR, wc.value, sc.value, hc.value>);
+    });
+    return launch_rows_grid(kernel, ceil_div(p.rows, int64_t(cuda_detail::kRowTileThreads / TPR)),
+                            cuda_detail::kRowTileThreads, a, stream, "modnorm forward_row_tile_kernel");
   }
 
   template <int VEC>
