@@ -395,13 +395,41 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
   }
 }
 
-// One vector of y from raw vectors of x and of the present weight / scale / shift (W, S, H), all
-// in x's dtype: the row-block and row-tile kernels' epilogue.
-template <DType XT, CastingMode M, int VEC, bool W, bool S, bool H>
+// Raw registers for VEC modulation elements of dtype MT next to VEC elements of x: one vector when
+// MT is x's dtype, two 16-byte vectors for float32 rows beside 16-bit x (Wan's float32 scale and
+// shift).
+template <DType MT, int VEC>
+struct ModRaw {
+  static constexpr int kParts = VEC * elem_bytes<MT>() > 16 ? 2 : 1;
+  static constexpr int kPartElems = VEC / kParts;
+  using Part = XRaw<MT, kPartElems>;
+  Part part[kParts];
+};
+
+template <DType MT, int VEC>
+__device__ __forceinline__ ModRaw<MT, VEC> load_mod_vector(const void* row, int v) {
+  using R = ModRaw<MT, VEC>;
+  const auto* src = static_cast<const typename R::Part*>(row) + static_cast<int64_t>(v) * R::kParts;
+  R r;
+#pragma unroll
+  for (int k = 0; k < R::kParts; ++k) r.part[k] = __ldg(src + k);
+  return r;
+}
+
+template <DType MT, int VEC>
+__device__ __forceinline__ void unpack_mod(const ModRaw<MT, VEC>& r, float* f) {
+  using R = ModRaw<MT, VEC>;
+#pragma unroll
+  for (int k = 0; k < R::kParts; ++k) unpack<MT, R::kPartElems>(r.part[k], f + k * R::kPartElems);
+}
+
+// One vector of y from raw vectors of x and of the present weight / scale / shift (W, S, H): the
+// weight in x's dtype, scale and shift in MT. The row-block and row-tile kernels' epilogue.
+template <DType XT, CastingMode M, int VEC, bool W, bool S, bool H, DType MT = XT>
 __device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, const XRaw<XT, VEC>& xr,
                                                           float rstd, const XRaw<XT, VEC>& wr,
-                                                          const XRaw<XT, VEC>& sr,
-                                                          const XRaw<XT, VEC>& hr) {
+                                                          const ModRaw<MT, VEC>& sr,
+                                                          const ModRaw<MT, VEC>& hr) {
   float n[VEC], w[VEC], m[VEC], h[VEC], out[VEC];
   xhat_of<XT, M, VEC>(xr, rstd, n);
   if constexpr (W) {
@@ -410,11 +438,11 @@ __device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, 
     for (int e = 0; e < VEC; ++e) w[e] += p.offset;
   }
   if constexpr (S) {
-    unpack<XT, VEC>(sr, m);
+    unpack_mod<MT, VEC>(sr, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) m[e] += p.scale_offset;
   }
-  if constexpr (H) unpack<XT, VEC>(hr, h);
+  if constexpr (H) unpack_mod<MT, VEC>(hr, h);
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     float o = W ? n[e] * w[e] : n[e];
@@ -432,35 +460,38 @@ __device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, 
 // replaced by the hardware as they retire, so each SM always has rows in flight without a
 // software pipeline: on H100 this shape (Liger's) beat forward_const_kernel's persistent blocks
 // with constants in registers by 2-9 points on every case it serves (performance log, session 7).
-// W / S / H: weight, scale, shift present.
-template <DType XT, CastingMode M, int VEC, int NV, int THREADS, bool W, bool S, bool H>
+// W / S / H: weight, scale, shift present; MT: the scale's and shift's dtype (x's, or float32).
+template <DType XT, CastingMode M, int VEC, int NV, int THREADS, bool W, bool S, bool H,
+          DType MT = XT>
 __global__ void __launch_bounds__(THREADS)
     forward_row_block_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(THREADS % 32 == 0 && VEC % 2 == 0, "whole warps, pairs of elements");
   using Raw = XRaw<XT, VEC>;
+  using Mod = ModRaw<MT, VEC>;
   __shared__ float red[THREADS / 32];  // a float per warp: all team_sum_rt<THREADS> writes
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
   const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
   const uint64_t evict_first = l2_evict_first_policy();
-  Raw xr[NV], wr[W ? NV : 1], sr[S ? NV : 1], hr[H ? NV : 1];
+  Raw xr[NV], wr[W ? NV : 1];
+  Mod sr[S ? NV : 1], hr[H ? NV : 1];
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int v = t + i * THREADS;
     xr[i] = v < p.dim_vecs ? load_streamed(xrow + v, evict_first) : Raw{};  // zeros add nothing
   }
   const Raw* wrow = static_cast<const Raw*>(p.weight);
-  const Raw* srow = nullptr;
-  const Raw* hrow = nullptr;
-  if constexpr (S) srow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.scale, map_offset(p.scale_map, row)));
-  if constexpr (H) hrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.shift, map_offset(p.shift_map, row)));
+  const void* srow = nullptr;
+  const void* hrow = nullptr;
+  if constexpr (S) srow = elem_ptr<MT>(p.scale, map_offset(p.scale_map, row));
+  if constexpr (H) hrow = elem_ptr<MT>(p.shift, map_offset(p.shift_map, row));
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int v = t + i * THREADS;
     if (v < p.dim_vecs) {
       if constexpr (W) wr[i] = __ldg(wrow + v);
-      if constexpr (S) sr[i] = __ldg(srow + v);
-      if constexpr (H) hr[i] = __ldg(hrow + v);
+      if constexpr (S) sr[i] = load_mod_vector<MT, VEC>(srow, v);
+      if constexpr (H) hr[i] = load_mod_vector<MT, VEC>(hrow, v);
     }
   }
   // One row per block: red is never reused, so team_sum_rt's single barrier is all it needs.
@@ -472,8 +503,8 @@ __global__ void __launch_bounds__(THREADS)
   for (int i = 0; i < NV; ++i) {
     const int v = t + i * THREADS;
     if (v >= p.dim_vecs) continue;
-    yrow[v] = modulated_vector<XT, M, VEC, W, S, H>(p, xr[i], rstd, wr[W ? i : 0], sr[S ? i : 0],
-                                                     hr[H ? i : 0]);
+    yrow[v] = modulated_vector<XT, M, VEC, W, S, H, MT>(p, xr[i], rstd, wr[W ? i : 0],
+                                                         sr[S ? i : 0], hr[H ? i : 0]);
   }
 }
 
@@ -497,7 +528,8 @@ __global__ void __launch_bounds__(kRowTileThreads)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TPR;
   const bool active = row < p.rows;
   const uint64_t evict_first = l2_evict_first_policy();
-  Raw xr[NV], wr[W ? NV : 1], sr[S ? NV : 1], hr[H ? NV : 1];
+  Raw xr[NV], wr[W ? NV : 1];
+  ModRaw<XT, VEC> sr[S ? NV : 1], hr[H ? NV : 1];
   const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
@@ -505,17 +537,17 @@ __global__ void __launch_bounds__(kRowTileThreads)
     // Zeros past the row's end (and in rows past the last) add nothing to the sum.
     xr[i] = active && v < p.dim_vecs ? load_streamed(xrow + v, evict_first) : Raw{};
   }
-  const Raw* srow = nullptr;
-  const Raw* hrow = nullptr;
-  if constexpr (S) srow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.scale, active ? map_offset(p.scale_map, row) : 0));
-  if constexpr (H) hrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.shift, active ? map_offset(p.shift_map, row) : 0));
+  const void* srow = nullptr;
+  const void* hrow = nullptr;
+  if constexpr (S) srow = elem_ptr<XT>(p.scale, active ? map_offset(p.scale_map, row) : 0);
+  if constexpr (H) hrow = elem_ptr<XT>(p.shift, active ? map_offset(p.shift_map, row) : 0);
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int v = lane + i * TPR;
     if (active && v < p.dim_vecs) {
       if constexpr (W) wr[i] = __ldg(static_cast<const Raw*>(p.weight) + v);
-      if constexpr (S) sr[i] = __ldg(srow + v);
-      if constexpr (H) hr[i] = __ldg(hrow + v);
+      if constexpr (S) sr[i] = load_mod_vector<XT, VEC>(srow, v);
+      if constexpr (H) hr[i] = load_mod_vector<XT, VEC>(hrow, v);
     }
   }
   // Every lane of the warp reaches the shuffles: the row test comes after the sum.

@@ -1,7 +1,7 @@
 // CUDA backend: launch planning for the forward.
 //
-//   forward_row_block_kernel: vectorized rows of 129-1024 16-byte vectors whose weight and
-//     modulation are in x's dtype (llama and none casting): one row per block.
+//   forward_row_block_kernel: vectorized rows of 129-1024 16-byte vectors whose weight is in x's
+//     dtype and modulation in x's dtype or float32 (llama and none casting): one row per block.
 //   forward_row_tile_kernel: the same for rows up to 128 vectors, a warp team per row; taken
 //     before forward_const_kernel without modulation, after it with modulation.
 //   forward_const_kernel: vectorized rows up to 768 16-byte vectors whose blocks can each own rows
@@ -191,32 +191,54 @@ struct ForwardImpl {
   // vectors each: two (Liger's shape; 4 vectors on half the threads lost on 3 of 5 cases,
   // performance log, session 7), or three where two would leave a quarter of the threads empty
   // (see try_row_block). Returns whether it launched.
-  template <int VEC, int THREADS, int kNV = 2>
+  template <int VEC, int THREADS, int kNV = 2, DType MT = XT>
   static bool launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
-    const void* kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) {
-      return reinterpret_cast<const void*>(
-          cuda_detail::forward_row_block_kernel<XT, M, VEC, kNV, THREADS, wc.value, sc.value, hc.value>);
+    const void* kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) -> const void* {
+      if constexpr (MT != XT && !decltype(sc)::value) {
+        return nullptr;  // no scale: mod_x took it
+      } else {
+        return reinterpret_cast<const void*>(cuda_detail::forward_row_block_kernel<
+                                             XT, M, VEC, kNV, THREADS, wc.value, sc.value, hc.value, MT>);
+      }
     });
     return launch_rows_grid(kernel, p.rows, THREADS, a, stream, "modnorm forward_row_block_kernel");
   }
 
+  // Rows of 257-384 and 513-768 vectors take three vectors a thread: with two, a quarter of the
+  // threads of a 256 / 512-thread block held nothing (H200: mochi and flux, 384 vectors, 6% and
+  // 8% faster; performance log, session 10).
+  template <int VEC, DType MT>
+  static bool launch_row_block_sized(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
+    if (a.dim_vecs <= 256) return launch_row_block<VEC, 128, 2, MT>(p, a, stream);
+    if (a.dim_vecs <= 384) return launch_row_block<VEC, 128, 3, MT>(p, a, stream);
+    if (a.dim_vecs <= 512) return launch_row_block<VEC, 256, 2, MT>(p, a, stream);
+    if (a.dim_vecs <= 768) return launch_row_block<VEC, 256, 3, MT>(p, a, stream);
+    return launch_row_block<VEC, 512, 2, MT>(p, a, stream);
+  }
+
+  // The weight in x's dtype; scale and shift in x's dtype, or both float32 per token beside 16-bit
+  // x (Wan 2.2's modulation: forward_reg_kernel took it 10% slower). Float32 rows shared by many
+  // rows stay with forward_const_kernel, which holds them in registers: here every block would
+  // read 8 bytes of them per element of x through L2 (wan14b 177 -> 271 us; performance log,
+  // session 10).
   template <int VEC>
   static bool try_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
     if constexpr (M == CastingMode::kGemma) {
       return false;
     } else {
       if (!a.y_vectorized || p.rows > INT_MAX || a.dim_vecs <= 128 || a.dim_vecs > 1024) return false;
-      for (const Operand* op : {&p.weight, &p.scale, &p.shift}) {
-        if (op->present() && op->dtype != XT) return false;
+      if (p.weight.present() && p.weight.dtype != XT) return false;
+      const bool mod_x = (!p.scale.present() || p.scale.dtype == XT) &&
+                         (!p.shift.present() || p.shift.dtype == XT);
+      if (mod_x) return launch_row_block_sized<VEC, XT>(p, a, stream);
+      if constexpr (XT != DType::kFloat32) {
+        auto per_token_f32 = [](const Operand& op, const RowMap& map) {
+          return !op.present() || (op.dtype == DType::kFloat32 && map.rows_per_distinct == 1);
+        };
+        const bool mod_f32 = per_token_f32(p.scale, p.scale_map) && per_token_f32(p.shift, p.shift_map);
+        if (mod_f32) return launch_row_block_sized<VEC, DType::kFloat32>(p, a, stream);
       }
-      // Rows of 257-384 and 513-768 vectors take three vectors a thread: with two, a quarter of
-      // the threads of a 256 / 512-thread block held nothing (H200: mochi and flux, 384 vectors,
-      // 6% and 8% faster; performance log, session 10).
-      if (a.dim_vecs <= 256) return launch_row_block<VEC, 128>(p, a, stream);
-      if (a.dim_vecs <= 384) return launch_row_block<VEC, 128, 3>(p, a, stream);
-      if (a.dim_vecs <= 512) return launch_row_block<VEC, 256>(p, a, stream);
-      if (a.dim_vecs <= 768) return launch_row_block<VEC, 256, 3>(p, a, stream);
-      return launch_row_block<VEC, 512>(p, a, stream);
+      return false;
     }
   }
 

@@ -180,10 +180,11 @@ ROW_BLOCK_CASES = [
 ROW_OPERAND_SETS = ["none", "w", "s", "sh", "ws", "wsh", "wsh_token", "wsh_offsets", "wsh_strided"]
 
 
-# 300 and 700 vectors: the three-vectors-a-thread shapes (128 and 256 threads).
+# 300 and 700 vectors: the three-vectors-a-thread shapes (128 and 256 threads). "f32": float32
+# scale and shift per token (Wan 2.2's), both or the scale alone.
 @pytest.mark.parametrize("vecs", [145, 300, 512, 700, 1024])
 @pytest.mark.parametrize("dtype,mode", ROW_BLOCK_CASES, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("operands", ROW_OPERAND_SETS)
+@pytest.mark.parametrize("operands", ROW_OPERAND_SETS + ["wsh_f32_token", "s_f32_token"])
 def test_forward_row_block_operand_sets(vecs, dtype, mode, operands):
     check_row_kernel_operand_set(vecs, dtype, mode, operands, T=37)
 
@@ -211,8 +212,9 @@ def check_row_kernel_operand_set(vecs, dtype, mode, operands, T, per_token=False
     x = (2.0 * torch.randn(B, T, D + pad, device=dev)).to(dtype)[..., :D]
     w = (1.0 + 0.5 * torch.randn(D, device=dev)).to(dtype) if "w" in operands else None
     mod_shape = (B, T, D) if per_token or operands.endswith("token") else (B, 1, D)
-    s = (0.3 * torch.randn(mod_shape, device=dev)).to(dtype) if "s" in operands else None
-    h = (0.3 * torch.randn(mod_shape, device=dev)).to(dtype) if "h" in operands else None
+    mod_dtype = torch.float32 if "f32" in operands else dtype
+    s = (0.3 * torch.randn(mod_shape, device=dev)).to(mod_dtype) if "s" in operands else None
+    h = (0.3 * torch.randn(mod_shape, device=dev)).to(mod_dtype) if "h" in operands else None
     offset, scale_offset = (0.5, 0.0) if operands.endswith("offsets") else (0.0, 1.0)
     y = modnorm.modulated_rms_norm(x, w, s, h, 1e-6, offset, mode, in_place=False, scale_offset=scale_offset)
     assert torch.isfinite(y).all(), "unwritten (poisoned) output elements"
@@ -227,6 +229,8 @@ def check_row_kernel_operand_set(vecs, dtype, mode, operands, T, per_token=False
     "D,mod,kernel",
     [
         (4096, "per_sample", "forward_row_block_kernel"),
+        (5120, "per_token_f32", "forward_row_block_kernel"),
+        (5120, "per_sample_f32", "forward_const_kernel"),
         (128, "per_token", "forward_row_tile_kernel"),
         (128, None, "forward_row_tile_kernel"),
         (128, "per_sample", "forward_const_kernel"),
@@ -238,7 +242,8 @@ def test_forward_row_kernel_is_the_one_that_runs(D, mod, kernel):
 
     x = torch.randn(2, 37, D, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(D, device="cuda", dtype=torch.bfloat16)
-    s = None if mod is None else torch.randn(2, 37 if mod == "per_token" else 1, D, device="cuda", dtype=torch.bfloat16)
+    mod_dtype = torch.float32 if mod is not None and mod.endswith("f32") else torch.bfloat16
+    s = None if mod is None else torch.randn(2, 37 if mod.startswith("per_token") else 1, D, device="cuda", dtype=mod_dtype)
     modnorm.modulated_rms_norm(x, w, s, s)  # warm up
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         modnorm.modulated_rms_norm(x, w, s, s)
