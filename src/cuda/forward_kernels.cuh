@@ -461,9 +461,12 @@ __device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, 
 // software pipeline: on H100 this shape (Liger's) beat forward_const_kernel's persistent blocks
 // with constants in registers by 2-9 points on every case it serves (performance log, session 7).
 // W / S / H: weight, scale, shift present; MT: the scale's and shift's dtype (x's, or float32).
+// Three vectors a thread: one block per SM guaranteed, no more. Left alone, ptxas held flux's
+// variant (weight, scale, shift) to 64 registers and spilled; with 80 and no spill flux ran 37.0
+// -> 35.0 us, mochi and wan-token unchanged (H200, performance log, session 10).
 template <DType XT, CastingMode M, int VEC, int NV, int THREADS, bool W, bool S, bool H,
           DType MT = XT>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
     forward_row_block_kernel(const __grid_constant__ ForwardArgs p) {
   static_assert(THREADS % 32 == 0 && VEC % 2 == 0, "whole warps, pairs of elements");
   using Raw = XRaw<XT, VEC>;
