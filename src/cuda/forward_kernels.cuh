@@ -1,7 +1,8 @@
 // Forward kernels.
 //
 // forward_row_block_kernel: one row per block, everything the row needs loaded before its sum;
-// rows of 129-1024 vectors whose weight and modulation are in x's dtype.
+// rows of 129-1024 vectors whose weight is in x's dtype and modulation in x's dtype (or float32
+// per token).
 //
 // forward_reg_kernel: a team of TPR threads owns one row at a time and holds it in registers
 // (NV vectors of VEC elements per thread), so x is read from memory exactly once. Small rows use
@@ -454,8 +455,8 @@ __device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, 
 
 // ---------------------------------------------------------------------------------------------
 // forward_row_block_kernel: one row per block (grid = rows) of THREADS threads with NV vectors
-// each, for rows of 129-1024 vectors whose weight / scale / shift are in x's dtype (any broadcast
-// rule). Every load of the row (x, then the weight and its modulation rows as raw vectors) is
+// each, for rows of 129-1024 vectors whose weight is in x's dtype and scale / shift in x's dtype
+// (any broadcast rule) or float32 (per token). Every load of the row (x, then the weight and its modulation rows as raw vectors) is
 // issued before the row's sum, and the block's only barrier is that sum's. Short-lived blocks are
 // replaced by the hardware as they retire, so each SM always has rows in flight without a
 // software pipeline: on H100 this shape (Liger's) beat forward_const_kernel's persistent blocks

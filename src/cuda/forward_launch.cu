@@ -153,6 +153,9 @@ struct ForwardImpl {
     check_launch("modnorm forward_rows_kernel");
   }
 
+  // Whether `op` is absent or of `dtype` (the row kernels load operands as raw vectors).
+  static bool absent_or(const Operand& op, DType dtype) { return !op.present() || op.dtype == dtype; }
+
   // The row-block / row-tile kernel instance for the present operands (weight, scale, shift as
   // template flags), from make(W, S, H); nullptr for a shift without a scale, which the plan
   // rejects anyway.
@@ -187,7 +190,7 @@ struct ForwardImpl {
   }
 
   // forward_row_block_kernel: rows of 129-1024 vectors with 16-byte stores, llama or no
-  // casting, every present operand in x's dtype (raw vector loads). THREADS threads with kNV
+  // casting, scale and shift in MT (raw vector loads; see try_row_block). THREADS threads with kNV
   // vectors each: two (Liger's shape; 4 vectors on half the threads lost on 3 of 5 cases,
   // performance log, session 7), or three where two would leave a quarter of the threads empty
   // (see try_row_block). Returns whether it launched.
@@ -195,7 +198,7 @@ struct ForwardImpl {
   static bool launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
     const void* kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) -> const void* {
       if constexpr (MT != XT && !decltype(sc)::value) {
-        return nullptr;  // no scale: mod_x took it
+        return nullptr;  // no scale: the x-dtype instance takes it
       } else {
         return reinterpret_cast<const void*>(cuda_detail::forward_row_block_kernel<
                                              XT, M, VEC, kNV, THREADS, wc.value, sc.value, hc.value, MT>);
@@ -227,16 +230,17 @@ struct ForwardImpl {
       return false;
     } else {
       if (!a.y_vectorized || p.rows > INT_MAX || a.dim_vecs <= 128 || a.dim_vecs > 1024) return false;
-      if (p.weight.present() && p.weight.dtype != XT) return false;
-      const bool mod_x = (!p.scale.present() || p.scale.dtype == XT) &&
-                         (!p.shift.present() || p.shift.dtype == XT);
-      if (mod_x) return launch_row_block_sized<VEC, XT>(p, a, stream);
+      if (!absent_or(p.weight, XT)) return false;
+      if (absent_or(p.scale, XT) && absent_or(p.shift, XT)) {
+        return launch_row_block_sized<VEC, XT>(p, a, stream);
+      }
       if constexpr (XT != DType::kFloat32) {
         auto per_token_f32 = [](const Operand& op, const RowMap& map) {
-          return !op.present() || (op.dtype == DType::kFloat32 && map.rows_per_distinct == 1);
+          return absent_or(op, DType::kFloat32) && (!op.present() || map.rows_per_distinct == 1);
         };
-        const bool mod_f32 = per_token_f32(p.scale, p.scale_map) && per_token_f32(p.shift, p.shift_map);
-        if (mod_f32) return launch_row_block_sized<VEC, DType::kFloat32>(p, a, stream);
+        if (per_token_f32(p.scale, p.scale_map) && per_token_f32(p.shift, p.shift_map)) {
+          return launch_row_block_sized<VEC, DType::kFloat32>(p, a, stream);
+        }
       }
       return false;
     }
@@ -260,9 +264,7 @@ struct ForwardImpl {
       return false;
     } else {
       if (!a.y_vectorized || a.dim_vecs > 128) return false;
-      for (const Operand* op : {&p.weight, &p.scale, &p.shift}) {
-        if (op->present() && op->dtype != XT) return false;
-      }
+      if (!absent_or(p.weight, XT) || !absent_or(p.scale, XT) || !absent_or(p.shift, XT)) return false;
       if (a.dim_vecs <= 4) return launch_row_tile<VEC, 1, 4>(p, a, stream);
       if (a.dim_vecs <= 8) return launch_row_tile<VEC, 1, 8>(p, a, stream);
       if (a.dim_vecs <= 16) return launch_row_tile<VEC, 1, 16>(p, a, stream);
