@@ -164,8 +164,9 @@ def test_backward_tile_ring_strided_rows_and_repeatable(D):
             assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
-# forward_row_block_kernel (rows of 129-1024 16-byte vectors, weight and modulation in x's dtype):
-# each of its block sizes (145, 512 and 1024 vectors: 128, 256 and 512 threads) for bf16, fp16 and
+# forward_row_block_kernel (rows of 129-1024 16-byte vectors, weight in x's dtype, modulation in
+# x's dtype or float32 per token): each of its block sizes (145, 300, 512, 700 and 1024 vectors:
+# 128 and 256 threads with two or three vectors each, 512 threads) for bf16, fp16 and
 # fp32 x, llama and no casting (float32 has no llama rounding: dispatch treats it as none), and
 # every operand set it has a kernel for, plus per-token modulation, offset 0.5 with scale_offset
 # 0, and x rows strided by D + 64 elements (16-byte aligned, so still this kernel). Outputs start
@@ -180,8 +181,7 @@ ROW_BLOCK_CASES = [
 ROW_OPERAND_SETS = ["none", "w", "s", "sh", "ws", "wsh", "wsh_token", "wsh_offsets", "wsh_strided"]
 
 
-# 300 and 700 vectors: the three-vectors-a-thread shapes (128 and 256 threads). "f32": float32
-# scale and shift per token (Wan 2.2's), both or the scale alone.
+# "f32": float32 scale and shift per token (Wan 2.2's), both or the scale alone.
 @pytest.mark.parametrize("vecs", [145, 300, 512, 700, 1024])
 @pytest.mark.parametrize("dtype,mode", ROW_BLOCK_CASES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("operands", ROW_OPERAND_SETS + ["wsh_f32_token", "s_f32_token"])
