@@ -429,6 +429,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     }
   };
   RingCursor cursor;
+  const unsigned ring_addr = smem_u32(ring);
+  const unsigned ring_full_addr = smem_u32(ring_full);
   Raw x_next[RING ? 1 : NV], g_next[RING ? 1 : NV];
   float rstd_next = 0.f;
   if constexpr (RING) {
@@ -469,16 +471,32 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       cursor.next(stages);
     } else if constexpr (RING) {
       if (row + step < row_end) rstd_next = p.rstd[row + step];
-      mbar_wait(&ring_full[cursor.slot], cursor.parity);
-      const char* stage = ring + cursor.slot * stage_bytes;
-      staged_m = stage + 2 * row_bytes;
-      take_staged_rows(stage, stage + row_bytes, xr, gr);
+      static_assert(sizeof(Raw) == 16, "block-wide rings stage 16-byte vectors");
+      // Shared-window addresses from the block's bases (computed once, below the ring's setup).
+      mbar_wait_at(ring_full_addr + 8u * cursor.slot, cursor.parity);
+      const unsigned stage = ring_addr + cursor.slot * stage_bytes;
+      if constexpr (TOKEN) staged_m = ring + cursor.slot * stage_bytes + 2 * row_bytes;
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int v = lane + i * TPR;
+        if (v < p.dim_vecs) {
+          xr[i] = load_shared_16(stage + 16u * v);
+          gr[i] = load_shared_16(stage + row_bytes + 16u * v);
+        }
+      }
     } else if (advance_x_dy_rows<XT>(p, row + step, row + step < row_end, lane, TPR, xr, gr,
                                      x_next, g_next)) {
       rstd_next = p.rstd[row + step];
     }
 
     float dot = 0.f;
+    // Warp teams keep xhat and a = g * m * w of their elements from the sum's pass for dx, which
+    // then costs a fused multiply-add and a multiply per element instead of unpacking x and dy
+    // again and recomputing both (qk-norm backward 62 -> 59 us, H200). Block-wide rows recompute:
+    // held, they pushed the kernel from 112 to 128 registers and ran 5-30% slower (mochi, wan14b;
+    // performance log, session 11).
+    constexpr bool kHold = !TOKEN && TEAMS > 1;
+    float xhat_held[kHold ? NV : 1][VEC], a_held[kHold ? NV : 1][VEC];
     if (active) {
       const int64_t dshift_row = p.dshift_direct != nullptr ? map_grad_row(p.shift_map, row) : 0;
       const int64_t dscale_row = TOKEN ? map_grad_row(p.scale_map, row) : 0;
@@ -512,7 +530,12 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
               const float xhat = xf[e] * rstd;
-              dot += gf[e] * mw[i][e] * xhat;
+              const float a = gf[e] * mw[i][e];
+              dot += a * xhat;
+              if constexpr (kHold) {
+                xhat_held[i][e] = xhat;
+                a_held[i][e] = a;
+              }
               if (want_s) acc_s[i][e] += gf[e] * weight_factor<M, XT>(xhat);
               if (p.dshift_partials != nullptr) acc_h[i][e] += gf[e];
             }
@@ -539,13 +562,19 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       for (int i = 0; i < NV; ++i) {
         const int v = lane + i * TPR;
         if (v < p.dim_vecs) {
-          float xf[VEC], gf[VEC], out[VEC];
-          unpack<XT, VEC>(xr[i], xf);
-          unpack<XT, VEC>(gr[i], gf);
+          float out[VEC];
+          if constexpr (kHold) {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const float mwe = TOKEN ? mw_row[i][e] : mw[i][e];
-            out[e] = rstd * (gf[e] * mwe - xf[e] * rstd * c);
+            for (int e = 0; e < VEC; ++e) out[e] = rstd * (a_held[i][e] - xhat_held[i][e] * c);
+          } else {
+            float xf[VEC], gf[VEC];
+            unpack<XT, VEC>(xr[i], xf);
+            unpack<XT, VEC>(gr[i], gf);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const float mwe = TOKEN ? mw_row[i][e] : mw[i][e];
+              out[e] = rstd * (gf[e] * mwe - xf[e] * rstd * c);
+            }
           }
           store_elems<XT, VEC>(dxrow, static_cast<int64_t>(v) * VEC, out, p.dx_vectorized != 0);
         }
@@ -553,6 +582,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     }
   }
 
+  allow_dependent_launch();  // the finalize may start its blocks; it waits for these partials
   // Products with the block's constant m and w, then the fixed-order block partials (TOKEN:
   // acc_s already is the dweight partial).
   if constexpr (TOKEN) {
@@ -969,6 +999,7 @@ struct FinalizeArgs {
 __global__ void __launch_bounds__(kFinalizeCols* kFinalizeLanes)
     finalize_kernel(const __grid_constant__ FinalizeArgs a) {
   __shared__ float lane_sums[kFinalizeLanes][kFinalizeCols + 1];
+  wait_for_prior_grid();  // the partials come from the kernels before (programmatic launch)
   int which = 0;
   while (which + 1 < a.jobs && blockIdx.x >= a.first_block[which + 1]) ++which;
   const FinalizeJob& job = a.job[which];

@@ -57,9 +57,16 @@ constexpr int64_t kLatencyBoundBytes = 32ll << 20;
 // Register-resident configurations (short rows: teams of 8-32 lanes, 8-32 rows per block): at
 // most 16 elements per thread, since each thread also keeps up to three partial sums per element
 // across its rows, and no more than 512 threads per block so the compiler may give each thread
-// 128 registers.
-template <int VEC, typename F>
-bool visit_backward_config(int dim_vecs, F&& f) {
+// 128 registers. RING: backward_const_kernel's block-wide bulk-copy ring, whose rows of 129-256
+// vectors (without per-token scale rows, `token`) take one vector on each of 256 threads: 84
+// registers instead of 112, so 24 warps an SM instead of 16 hide more of the per-row chain (H200:
+// ltx2b-t2v backward 63.5 -> 61.4 us; ltx2b-i2v's token ring 1% slower; on rows of 257-512 vectors
+// one vector a thread ran 7-35% slower; performance log, session 11).
+template <int VEC, bool RING = false, typename F>
+bool visit_backward_config(int dim_vecs, F&& f, bool token = false) {
+  if constexpr (RING) {
+    if (!token && dim_vecs > 128 && dim_vecs <= 256) return f(Config<1, 256, 1>{}), true;
+  }
   if (dim_vecs <= 8) return f(Config<1, 8, 32>{}), true;
   if (dim_vecs <= 16) return f(Config<1, 16, 16>{}), true;
   if (dim_vecs <= 32) return f(Config<1, 32, 8>{}), true;
@@ -227,7 +234,7 @@ struct BackwardImpl {
         }
         if ((const_candidate || token_ring) && allow_ring && forced != "const" && !force_pipe &&
             dv > 64 && info.cc_major >= 9) {
-          visit_backward_config<kVec>(dv, [&](auto config) {
+          visit_backward_config<kVec, true>(dv, [&](auto config) {
             using C = decltype(config);
             if constexpr (C::kTeams == 1) {  // dv > 64: block-wide shapes only
               const void* ring_kernel =
@@ -240,7 +247,7 @@ struct BackwardImpl {
               const int64_t stage_bytes = 2 * int64_t(dv) * 16 + m_row_bytes;
               take_ring(ring_kernel, C::kThreads, 1, stage_bytes, 64 * 1024, token_ring);
             }
-          });
+          }, token_ring);
         }
       }
       if (!l.reg_path && (stage_m || force_pipe || (dv <= 32 && !const_candidate))) {
@@ -436,16 +443,27 @@ struct BackwardImpl {
     ++f.jobs;
   }
 
-  static void launch_finalize(const cuda_detail::FinalizeArgs& f, cudaStream_t stream) {
+  static void launch_finalize(const cuda_detail::FinalizeArgs& f, int device, cudaStream_t stream) {
     if (f.jobs == 0) return;
     const int64_t grid = f.first_block[f.jobs];
     if (grid > INT_MAX) {
       throw Error(Error::Kind::kValue, "modnorm CUDA backend: gradient too large to reduce");
     }
-    cuda_detail::finalize_kernel<<<static_cast<unsigned>(grid),
-                                   cuda_detail::kFinalizeCols * cuda_detail::kFinalizeLanes, 0,
-                                   stream>>>(f);
-    check_launch("modnorm finalize_kernel");
+    // Launched programmatically (sm_90+): its blocks start while the row pass drains, and wait
+    // in the kernel for the partials. MODNORM_PDL=0 launches it plainly (comparisons).
+    static const bool pdl = env_switch("MODNORM_PDL") != "0";
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(grid));
+    config.blockDim = dim3(cuda_detail::kFinalizeCols * cuda_detail::kFinalizeLanes);
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = pdl && device_info(device).cc_major >= 9 ? 1 : 0;
+    cuda_detail::check_cuda(cudaLaunchKernelEx(&config, cuda_detail::finalize_kernel, f),
+                            "modnorm finalize_kernel launch");
   }
 
   static void run(const BackwardPlan& bp, const float* rstd, const Gradients& grads,
@@ -528,7 +546,7 @@ struct BackwardImpl {
           });
         } else if (l.ring_stages > 0) {
           if constexpr (M != CastingMode::kGemma) {
-            visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
+            visit_backward_config<kVec, true>(a.dim_vecs, [&](auto config) {
               using C = decltype(config);
               constexpr int NV = C::kNV, TPR = C::kTPR, TEAMS = C::kTeams;
               auto kernel = cuda_detail::backward_const_kernel<XT, M, kVec, NV, TPR, TEAMS, true>;
@@ -541,7 +559,7 @@ struct BackwardImpl {
               allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
               kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
               check_launch("modnorm backward_const_kernel");
-            });
+            }, l.token);
           }
         } else {
           visit_backward_config<kVec>(a.dim_vecs, [&](auto config) {
@@ -603,7 +621,7 @@ struct BackwardImpl {
     };
     finish_modulation(l.dscale, l.col_s, p.scale_map, s_part, grads.dscale, p.scale.dtype);
     finish_modulation(l.dshift, l.col_h, p.shift_map, h_part, grads.dshift, p.shift.dtype);
-    launch_finalize(fin, stream);
+    launch_finalize(fin, device, stream);
   }
 };
 

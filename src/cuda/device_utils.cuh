@@ -458,6 +458,23 @@ __device__ __forceinline__ void cp_async_wait_ring(int stages) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90+). A kernel launched with programmatic stream
+// serialization may start while the kernel before it in the stream drains: it must call
+// wait_for_prior_grid before it reads anything that kernel wrote (the wait returns once that
+// kernel has finished and its writes are visible). allow_dependent_launch lets the next such
+// kernel start early. Both are no-ops before sm_90 and for kernels launched without the attribute.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // Row rings filled by bulk copies (TMA, sm_90+): one thread copies a whole contiguous row into a
 // shared-memory stage with one instruction and an mbarrier counts its bytes in, so a block keeps
 // several rows in flight without holding them in registers or spending issue slots on them.
@@ -479,8 +496,8 @@ __device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, unsigned bytes)
                : "memory");
 #endif
 }
-// Waits for the barrier's phase `parity` to complete.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+// Waits for the phase `parity` of the barrier at shared address `bar` to complete.
+__device__ __forceinline__ void mbar_wait_at(unsigned bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   unsigned done;
   do {
@@ -488,12 +505,25 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
         " selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
+        : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
 #else
   __trap();  // rings are only launched on sm_90+
 #endif
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  mbar_wait_at(smem_u32(bar), parity);
+}
+// 16 bytes from shared address `addr`. Volatile, so it stays after the barrier wait before it;
+// a shared-window address computed once per block spares the loop the generic-to-shared
+// conversion of every staged load.
+__device__ __forceinline__ uint4 load_shared_16(unsigned addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "r"(addr));
+  return r;
 }
 // 4 bytes from global `src` into shared `dst` by cp.async, counted on `bar` as one more arrival
 // of its current phase (the arrival happens when the copy lands, so the phase cannot complete

@@ -103,6 +103,44 @@ def test_backward_long_rows_every_mode(mode, offset, kind, dtype):
     check_case("cuda", dtype, mode, offset, kind, True, True, D=2048, T=200)
 
 
+# backward_const_kernel's block-wide ring with one 16-byte vector a thread (sm_90+: rows of
+# 129-256 vectors, 256 threads; the other block-wide rings hold two vectors a thread): the edges
+# of that range in every dtype, with a partial last block of threads (1544 bf16 = 193 vectors),
+# and the finalize that follows it (launched programmatically on sm_90+).
+@pytest.mark.parametrize(
+    "dtype,D",
+    [(torch.bfloat16, 1032), (torch.bfloat16, 1544), (torch.float16, 2048), (torch.float32, 516), (torch.float32, 1024)],
+    ids=["bf16-129", "bf16-193", "fp16-256", "fp32-129", "fp32-256"],
+)
+@pytest.mark.parametrize("kind", ["per_sample", "chunk", "shared"])
+@pytest.mark.parametrize("mode", ["llama", "none"])
+def test_backward_one_vector_ring(dtype, D, kind, mode):
+    from test_accuracy import check_case
+
+    check_case("cuda", dtype, mode, 0.0, kind, True, True, D=D, T=150)
+
+
+def test_backward_one_vector_ring_is_the_one_that_runs():
+    # Routing: 256-vector bf16 rows with per-sample modulation take the ring's one-vector shape
+    # (256 threads), not the two-vector one (128 threads), on sm_90+.
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("bulk-copy rings need sm_90")
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 300, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.randn(2, 1, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    y = modnorm.modulated_rms_norm(x, None, s, s)
+    torch.autograd.grad(y, (x, s), dy, retain_graph=True)  # warm up
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.autograd.grad(y, (x, s), dy)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "backward_const_kernel" in e.name]
+    # <XT, M, VEC, NV, TPR, TEAMS, RING, TOKEN>, spelled "1, 256, 1, true, false" or with casts
+    plain = [n.replace("(int)", "").replace("(bool)1", "true").replace("(bool)0", "false") for n in names]
+    assert names and all(", 1, 256, 1, true, false>" in n for n in plain), names
+
+
 @pytest.mark.parametrize("kind", ["per_sample", "shared", "none"])
 def test_backward_long_rows_bitwise_repeatable(kind):
     B, T, D = 2, 1000, 3072
