@@ -48,6 +48,11 @@ int ring_stages(int64_t block_stage_bytes, int64_t budget) {
 }
 
 constexpr int64_t kBackwardRingBudget = 64 * 1024;
+// Stages of backward_const_kernel's block-wide ring (a row of x and of dy each). Three measured
+// best or level on every case against the 3-6 that ~64 KB in flight per SM gave (H200:
+// ltx2b-t2v 60.8 -> 59.7 us, flux 68.8 -> 68.1, dit-xl 18.6 -> 17.5, the rest within 0.5%;
+// performance log, session 11).
+constexpr int kBlockRingStages = 3;
 // Row traffic (x, dy, dx) below which a backward pass is latency-bound (~8 us at full bandwidth).
 constexpr int64_t kLatencyBoundBytes = 32ll << 20;
 
@@ -191,12 +196,14 @@ struct BackwardImpl {
       // rows in registers (and per-token scale on the pipe kernel), =pipe or =reg skip the ring.
       const bool token_ring = stage_m && forced != "reg" && scale_rows_bulk_copyable(p);
       // Plans backward_const_kernel<RING> `ring_kernel`: stages so that the blocks its registers
-      // allow keep ~`in_flight` bytes per SM, as far as shared memory allows (none if two do not
-      // fit). The stages also hold a tile ring's team partials at the end (>= teams * dim floats).
+      // allow keep ~`in_flight` bytes per SM (0: kBlockRingStages), as far as shared memory
+      // allows (none if two do not fit). The stages also hold a tile ring's team partials at the
+      // end (>= teams * dim floats).
       auto take_ring = [&](const void* ring_kernel, int threads, int teams, int64_t stage_bytes,
                            int64_t in_flight, bool token) {
         const int reg_blocks = blocks_per_sm(device, ring_kernel, threads, 0);
         int stages = forced_stages > 0 ? forced_stages
+                     : in_flight == 0  ? kBlockRingStages
                                        : 1 + int(ceil_div(in_flight, reg_blocks * stage_bytes));
         stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
         auto fits = [&](int n) {
@@ -245,7 +252,7 @@ struct BackwardImpl {
               const int64_t m_row_bytes =
                   token_ring ? p.dim * int64_t(dtype_size(p.scale.dtype)) : 0;
               const int64_t stage_bytes = 2 * int64_t(dv) * 16 + m_row_bytes;
-              take_ring(ring_kernel, C::kThreads, 1, stage_bytes, 64 * 1024, token_ring);
+              take_ring(ring_kernel, C::kThreads, 1, stage_bytes, 0, token_ring);
             }
           }, token_ring);
         }
