@@ -416,21 +416,23 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     }
   };
   // This thread's vectors of a staged x row and dy row, into registers.
-  auto take_staged_rows = [&](const char* x_row, const char* g_row, Raw(&xr)[NV], Raw(&gr)[NV]) {
-    const Raw* staged_x = reinterpret_cast<const Raw*>(x_row);
-    const Raw* staged_g = reinterpret_cast<const Raw*>(g_row);
+  // This thread's vectors of a staged x row and dy row, into registers. Shared-window addresses,
+  // from bases computed once per block: rebuilding them from generic pointers every row cost
+  // instructions (t2v backward 61.5 -> 60.5 us, performance log, session 11).
+  const unsigned ring_addr = smem_u32(ring);
+  const unsigned ring_full_addr = smem_u32(ring_full);
+  auto take_staged_rows = [&](unsigned x_row, unsigned g_row, Raw(&xr)[NV], Raw(&gr)[NV]) {
+    static_assert(!RING || sizeof(Raw) == 16, "rings stage 16-byte vectors");
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int v = lane + i * TPR;
       if (v < p.dim_vecs) {
-        xr[i] = staged_x[v];
-        gr[i] = staged_g[v];
+        xr[i] = load_shared_16(x_row + 16u * v);
+        gr[i] = load_shared_16(g_row + 16u * v);
       }
     }
   };
   RingCursor cursor;
-  const unsigned ring_addr = smem_u32(ring);
-  const unsigned ring_full_addr = smem_u32(ring_full);
   Raw x_next[RING ? 1 : NV], g_next[RING ? 1 : NV];
   float rstd_next = 0.f;
   if constexpr (RING) {
@@ -457,12 +459,13 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
     const char* staged_m = nullptr;
     float rstd = rstd_next;
     if constexpr (kTileRing) {
-      mbar_wait(&ring_full[cursor.slot], cursor.parity);
+      mbar_wait_at(ring_full_addr + 8u * cursor.slot, cursor.parity);
       const char* stage = ring + cursor.slot * stage_bytes;
+      const unsigned stage_addr = ring_addr + cursor.slot * stage_bytes;
       if (active) {
         rstd = reinterpret_cast<const float*>(stage + 2 * tile_rows_bytes)[team];
-        take_staged_rows(stage + team * row_bytes, stage + tile_rows_bytes + team * row_bytes, xr,
-                         gr);
+        take_staged_rows(stage_addr + team * row_bytes,
+                         stage_addr + tile_rows_bytes + team * row_bytes, xr, gr);
       }
       __syncthreads();  // every team holds its row: the stage may be refilled
       if (threadIdx.x == 0 && base + stages * step < row_end) {
@@ -471,19 +474,10 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       cursor.next(stages);
     } else if constexpr (RING) {
       if (row + step < row_end) rstd_next = p.rstd[row + step];
-      static_assert(sizeof(Raw) == 16, "block-wide rings stage 16-byte vectors");
-      // Shared-window addresses from the block's bases (computed once, below the ring's setup).
       mbar_wait_at(ring_full_addr + 8u * cursor.slot, cursor.parity);
       const unsigned stage = ring_addr + cursor.slot * stage_bytes;
       if constexpr (TOKEN) staged_m = ring + cursor.slot * stage_bytes + 2 * row_bytes;
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        const int v = lane + i * TPR;
-        if (v < p.dim_vecs) {
-          xr[i] = load_shared_16(stage + 16u * v);
-          gr[i] = load_shared_16(stage + row_bytes + 16u * v);
-        }
-      }
+      take_staged_rows(stage, stage + row_bytes, xr, gr);
     } else if (advance_x_dy_rows<XT>(p, row + step, row + step < row_end, lane, TPR, xr, gr,
                                      x_next, g_next)) {
       rstd_next = p.rstd[row + step];

@@ -512,9 +512,6 @@ __device__ __forceinline__ void mbar_wait_at(unsigned bar, unsigned parity) {
   __trap();  // rings are only launched on sm_90+
 #endif
 }
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-  mbar_wait_at(smem_u32(bar), parity);
-}
 // 16 bytes from shared address `addr`. Volatile, so it stays after the barrier wait before it;
 // a shared-window address computed once per block spares the loop the generic-to-shared
 // conversion of every staged load.
