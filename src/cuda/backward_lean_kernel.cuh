@@ -1,0 +1,262 @@
+// backward_lean_kernel: backward_const_kernel<RING>'s block-wide rows, for the layout most DiT
+// blocks have, with the per-row overhead cut.
+//
+// The layout: every row of a block reads one scale row (per sample, per frame, shared or none) and
+// the weight, dx is written contiguous and 16-byte aligned, dweight / dscale come from the block
+// sum S = sum g * weight_factor(xhat) (backward_const_kernel's factoring) and dshift, when asked,
+// from sum g; no per-row modulation gradient. Block-wide rows of that layout are most of the
+// backward's time on the BENCH cases (ltx2b-t2v, ltx13b, flux, mochi, wan14b).
+//
+// Why a second kernel: ncu of backward_const_kernel<RING> on ltx2b-t2v counted 438 warp
+// instructions per row and warp, ~145 of them per-row overhead (64-bit row bounds, run-time tests
+// of the optional outputs on every vector, the block sum's two barriers, rebuilt addresses). Here:
+//   - the row walk counts rows in 32 bits; x / dy come through the bulk-copy ring as before, rstd
+//     and dx advance by a pointer step;
+//   - the optional outputs are template flags (kShift) or go to the generic kernel (the host
+//     routes anything else there), and the threads of a block own exactly the row's vectors
+//     (TPR = dim_vecs / NV at run time), so no vector is tested;
+//   - the block sum takes one barrier (two alternating buffers) and a butterfly over the warps;
+//   - dx and llama's rounding pack two values per conversion;
+//   - 64 registers with one vector a thread, 80 with two.
+// On ltx2b-t2v that is 26% fewer instructions (27.6 M -> 20.4 M) and 14% less time at ncu's locked
+// base clock, but level at the boost clock the benchmark runs at (51 us either way): there the row
+// pass is bound by the memory side, not by its instruction stream (performance log, session 12).
+// What it gains at that clock is a few percent on long rows (ltx13b, wan14b), so the host takes it
+// only for the row lengths where it measured faster.
+// Results and determinism are those of backward_const_kernel: the same fixed-order sums.
+#pragma once
+
+#include "backward_kernels.cuh"
+
+namespace modnorm::cuda_detail {
+
+// Threads a block for the lean kernel: NV vectors each, one block per row.
+template <int NV>
+constexpr int lean_max_threads() {
+  return NV == 1 ? 1024 : 768;
+}
+
+// Two floats to two elements of T in one 32-bit word (lo in the low half), one conversion.
+template <DType T>
+__device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
+  if constexpr (T == DType::kBFloat16) {
+    unsigned u;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo));
+    return u;
+  } else {
+    static_assert(T == DType::kFloat16, "pairs of 16-bit elements");
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&h);
+  }
+}
+
+template <DType XT, int VEC>
+__device__ __forceinline__ uint4 pack_vector(const float (&f)[VEC]) {
+  if constexpr (XT == DType::kFloat32) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                      __float_as_uint(f[3]));
+  } else {
+    return make_uint4(pack_pair<XT>(f[0], f[1]), pack_pair<XT>(f[2], f[3]),
+                      pack_pair<XT>(f[4], f[5]), pack_pair<XT>(f[6], f[7]));
+  }
+}
+
+// weight_factor of a vector of xhat, two values per conversion where llama rounds.
+template <CastingMode M, DType XT, int VEC>
+__device__ __forceinline__ void weight_factors(const float (&xhat)[VEC], float (&wf)[VEC]) {
+#pragma unroll
+  for (int e = 0; e < VEC; e += 2) {
+    wf[e] = xhat[e];
+    wf[e + 1] = xhat[e + 1];
+    if constexpr (M == CastingMode::kLlama) round_pair<XT>(wf[e], wf[e + 1]);
+  }
+}
+
+template <DType XT, CastingMode M, int VEC, int NV, bool kShift>
+__global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
+    backward_lean_kernel(const __grid_constant__ BackwardArgs p) {
+  static_assert(M != CastingMode::kGemma, "gemma's dscale does not factor");
+  static_assert(VEC % 2 == 0, "16-byte vectors of pairs");
+  __shared__ float red[2][32];
+  __shared__ uint64_t ring_full[kMaxRingStages];
+  extern __shared__ __align__(16) char lean_ring[];
+  const int tpr = static_cast<int>(blockDim.x);  // = dim_vecs / NV (host-checked)
+  const int lane = static_cast<int>(threadIdx.x);
+  const int warps = tpr >> 5;
+  // Two vectors a thread read the staged rows again for dx instead of holding them: held, they
+  // spilled at the 80 registers that three 256-thread blocks an SM allow.
+  constexpr bool kReload = NV > 1;
+
+  const RowWalk walk = block_row_walk<1>(p.rows, p.group_rows, p.blocks_per_group,
+                                         p.rows_per_block, p.interleave != 0);
+  const int rows = walk.end > walk.begin
+                       ? static_cast<int>((walk.end - walk.begin + walk.step - 1) / walk.step)
+                       : 0;
+  const int stages = p.ring_stages;
+  const unsigned row_bytes = static_cast<unsigned>(p.dim_vecs) * 16u;
+  const unsigned stage_bytes = 2u * row_bytes;
+
+  // The block's constant m * w per column, and the sums.
+  const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, walk.begin) : 0;
+  float mw[NV][VEC], acc_s[NV][VEC], acc_h[kShift ? NV : 1][VEC];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int64_t col = static_cast<int64_t>(lane + i * tpr) * VEC;
+    float w[VEC], m[VEC];
+    load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      mw[i][e] = m[e] * w[e];
+      acc_s[i][e] = 0.f;
+      if constexpr (kShift) acc_h[i][e] = 0.f;
+    }
+  }
+
+  // Thread 0 fills a stage with row k of the walk: the x row, then the dy row.
+  auto issue = [&](int slot, int k) {
+    const int64_t row = walk.begin + static_cast<int64_t>(k) * walk.step;
+    char* stage = lean_ring + slot * stage_bytes;
+    mbar_expect_bytes(&ring_full[slot], stage_bytes);
+    bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes,
+                        &ring_full[slot]);
+    bulk_copy_to_shared(stage + row_bytes, elem_ptr<XT>(p.dy, row * p.dy_row_stride), row_bytes,
+                        &ring_full[slot]);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(&ring_full[s], 1);
+    fence_mbar_init();
+    for (int s = 0; s < stages && s < rows; ++s) issue(s, s);
+  }
+  // rstd one row ahead; dx of this thread's first vector, advanced a row at a time.
+  const float* rstd_ptr = p.rstd + walk.begin;
+  const int64_t rstd_step = walk.step;
+  float rstd_next = rows > 0 ? *rstd_ptr : 0.f;
+  using Raw = XRaw<XT, VEC>;
+  static_assert(sizeof(Raw) == 16, "16-byte vectors");
+  Raw* dx_ptr = reinterpret_cast<Raw*>(elem_ptr<XT>(p.dx, walk.begin * p.dim)) + lane;
+  const int64_t dx_step = walk.step * p.dim_vecs;  // in vectors
+  const unsigned ring_addr = smem_u32(lean_ring);
+  const unsigned bar_base = smem_u32(ring_full);
+  const unsigned lane_off = 16u * static_cast<unsigned>(lane);
+  __syncthreads();  // the barriers are initialized before any thread waits on them
+
+  int slot = 0;
+  unsigned parity = 0;
+  for (int k = 0; k < rows; ++k) {
+    const float rstd = rstd_next;
+    if (k + 1 < rows) {
+      rstd_ptr += rstd_step;
+      rstd_next = *rstd_ptr;
+    }
+    mbar_wait_at(bar_base + 8u * slot, parity);
+    const unsigned x_addr = ring_addr + slot * stage_bytes + lane_off;
+    Raw xr[kReload ? 1 : NV], gr[kReload ? 1 : NV];
+    // This thread's vector i of the staged x and dy rows.
+    auto staged = [&](int i, Raw& xv, Raw& gv) {
+      xv = load_shared_16(x_addr + 16u * i * tpr);
+      gv = load_shared_16(x_addr + row_bytes + 16u * i * tpr);
+    };
+    if constexpr (!kReload) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) staged(i, xr[i], gr[i]);
+    }
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      float xf[VEC], gf[VEC], xhat[VEC], wf[VEC];
+      Raw xv, gv;
+      if constexpr (kReload) {
+        staged(i, xv, gv);
+      } else {
+        xv = xr[i];
+        gv = gr[i];
+      }
+      unpack<XT, VEC>(xv, xf);
+      unpack<XT, VEC>(gv, gf);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) xhat[e] = xf[e] * rstd;
+      weight_factors<M, XT, VEC>(xhat, wf);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        dot = fmaf(gf[e] * mw[i][e], xhat[e], dot);
+        acc_s[i][e] = fmaf(gf[e], wf[e], acc_s[i][e]);
+        if constexpr (kShift) acc_h[i][e] += gf[e];
+      }
+    }
+    // The block's sum; one barrier, the partials alternating between two buffers.
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    float* r = red[k & 1];
+    if ((lane & 31) == 0) r[lane >> 5] = dot;
+    __syncthreads();
+    // Every warp adds the warps' partials by a butterfly (the same bits in every lane; the
+    // order is fixed by the block size): 11 instructions, where a loop over them took ~45.
+    float total = (lane & 31) < warps ? r[lane & 31] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    if constexpr (!kReload) {
+      // Past the barrier every thread holds this stage's rows in registers: refill it.
+      if (threadIdx.x == 0 && k + stages < rows) issue(slot, k + stages);
+    } else {
+      // dx below reads the stage again; past this barrier every thread has finished the
+      // previous row's, so that stage is refilled (one row later than when rows are held).
+      if (threadIdx.x == 0 && k > 0 && k - 1 + stages < rows) {
+        issue(slot == 0 ? stages - 1 : slot - 1, k - 1 + stages);
+      }
+    }
+    // dx = rstd * (g*m*w) - x * (rstd^2 * mean(g*m*w * xhat))
+    const float x_coef = total * p.inv_dim * rstd * rstd;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      float xf[VEC], gf[VEC], out[VEC];
+      Raw xv, gv;
+      if constexpr (kReload) {
+        staged(i, xv, gv);
+      } else {
+        xv = xr[i];
+        gv = gr[i];
+      }
+      unpack<XT, VEC>(xv, xf);
+      unpack<XT, VEC>(gv, gf);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = fmaf(rstd, gf[e] * mw[i][e], -xf[e] * x_coef);
+      dx_ptr[i * tpr] = pack_vector<XT, VEC>(out);
+    }
+    dx_ptr += dx_step;
+    if (++slot == stages) {
+      slot = 0;
+      parity ^= 1u;
+    }
+  }
+
+  allow_dependent_launch();  // the finalize may start its blocks; it waits for these partials
+  // dweight partial = m * S, dscale partial = w * S (backward_const_kernel's factoring).
+  float w_part[NV][VEC];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int64_t col = static_cast<int64_t>(lane + i * tpr) * VEC;
+    float w[VEC], m[VEC];
+    load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      w_part[i][e] = acc_s[i][e] * m[e];
+      acc_s[i][e] *= w[e];
+    }
+  }
+  if (p.dweight_partials != nullptr) {
+    write_block_partials<NV, VEC>(w_part, p.dweight_partials, p.dim, p.dim_vecs, lane, tpr, 0, 1,
+                                  nullptr);
+  }
+  if (p.dscale_partials != nullptr) {
+    write_block_partials<NV, VEC>(acc_s, p.dscale_partials, p.dim, p.dim_vecs, lane, tpr, 0, 1,
+                                  nullptr);
+  }
+  if constexpr (kShift) {
+    write_block_partials<NV, VEC>(acc_h, p.dshift_partials, p.dim, p.dim_vecs, lane, tpr, 0, 1,
+                                  nullptr);
+  }
+}
+
+}  // namespace modnorm::cuda_detail
