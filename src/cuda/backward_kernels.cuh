@@ -308,6 +308,18 @@ constexpr int backward_const_min_blocks() {
 // dweight partial sums g * m * weight_factor(xhat).
 constexpr int kMaxRingStages = 8;
 
+// Thread 0's fill of a block-wide ring stage: `expect_bytes` on the stage's barrier, then row
+// `row` of x at the stage's start and of dy after it (row_bytes each), by bulk copies.
+template <DType XT>
+__device__ __forceinline__ void stage_x_dy_row(const BackwardArgs& p, char* stage, uint64_t* bar,
+                                               int64_t row, unsigned row_bytes,
+                                               unsigned expect_bytes) {
+  mbar_expect_bytes(bar, expect_bytes);
+  bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes, bar);
+  bulk_copy_to_shared(stage + row_bytes, elem_ptr<XT>(p.dy, row * p.dy_row_stride), row_bytes,
+                      bar);
+}
+
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool RING = false,
           bool TOKEN = false>
 __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TEAMS>())
@@ -404,11 +416,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       return;
     }
     char* stage = ring + slot * stage_bytes;
-    mbar_expect_bytes(&ring_full[slot], stage_bytes);
-    bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes,
-                        &ring_full[slot]);
-    bulk_copy_to_shared(stage + row_bytes, elem_ptr<XT>(p.dy, row * p.dy_row_stride), row_bytes,
-                        &ring_full[slot]);
+    stage_x_dy_row<XT>(p, stage, &ring_full[slot], row, row_bytes, stage_bytes);
     if constexpr (TOKEN) {
       const char* m_row =
           static_cast<const char*>(p.scale) + map_offset(p.scale_map, row) * scale_bytes;

@@ -98,13 +98,17 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
 
   // The block's constant m * w per column, and the sums.
   const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, walk.begin) : 0;
+  // w and m of this thread's vector i (read again for the partials at the end).
+  auto load_w_m = [&](int i, float (&w)[VEC], float (&m)[VEC]) {
+    const int64_t col = static_cast<int64_t>(lane + i * tpr) * VEC;
+    load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+  };
   float mw[NV][VEC], acc_s[NV][VEC], acc_h[kShift ? NV : 1][VEC];
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
-    const int64_t col = static_cast<int64_t>(lane + i * tpr) * VEC;
     float w[VEC], m[VEC];
-    load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+    load_w_m(i, w, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       mw[i][e] = m[e] * w[e];
@@ -115,13 +119,8 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
 
   // Thread 0 fills a stage with row k of the walk: the x row, then the dy row.
   auto issue = [&](int slot, int k) {
-    const int64_t row = walk.begin + static_cast<int64_t>(k) * walk.step;
-    char* stage = lean_ring + slot * stage_bytes;
-    mbar_expect_bytes(&ring_full[slot], stage_bytes);
-    bulk_copy_to_shared(stage, elem_ptr<XT>(p.x, row * p.x_row_stride), row_bytes,
-                        &ring_full[slot]);
-    bulk_copy_to_shared(stage + row_bytes, elem_ptr<XT>(p.dy, row * p.dy_row_stride), row_bytes,
-                        &ring_full[slot]);
+    stage_x_dy_row<XT>(p, lean_ring + slot * stage_bytes, &ring_full[slot],
+                       walk.begin + static_cast<int64_t>(k) * walk.step, row_bytes, stage_bytes);
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&ring_full[s], 1);
@@ -152,28 +151,29 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
     mbar_wait_at(bar_base + 8u * slot, parity);
     const unsigned x_addr = ring_addr + slot * stage_bytes + lane_off;
     Raw xr[kReload ? 1 : NV], gr[kReload ? 1 : NV];
-    // This thread's vector i of the staged x and dy rows.
-    auto staged = [&](int i, Raw& xv, Raw& gv) {
-      xv = load_shared_16(x_addr + 16u * i * tpr);
-      gv = load_shared_16(x_addr + row_bytes + 16u * i * tpr);
-    };
     if constexpr (!kReload) {
 #pragma unroll
-      for (int i = 0; i < NV; ++i) staged(i, xr[i], gr[i]);
+      for (int i = 0; i < NV; ++i) {
+        xr[i] = load_shared_16(x_addr + 16u * i * tpr);
+        gr[i] = load_shared_16(x_addr + row_bytes + 16u * i * tpr);
+      }
     }
+    // This thread's vector i of the staged x and dy rows as floats: from the registers, or the
+    // stage again (kReload).
+    auto row_vector = [&](int i, float (&xf)[VEC], float (&gf)[VEC]) {
+      const int h = kReload ? 0 : i;
+      if constexpr (kReload) {
+        xr[0] = load_shared_16(x_addr + 16u * i * tpr);
+        gr[0] = load_shared_16(x_addr + row_bytes + 16u * i * tpr);
+      }
+      unpack<XT, VEC>(xr[h], xf);
+      unpack<XT, VEC>(gr[h], gf);
+    };
     float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       float xf[VEC], gf[VEC], xhat[VEC], wf[VEC];
-      Raw xv, gv;
-      if constexpr (kReload) {
-        staged(i, xv, gv);
-      } else {
-        xv = xr[i];
-        gv = gr[i];
-      }
-      unpack<XT, VEC>(xv, xf);
-      unpack<XT, VEC>(gv, gf);
+      row_vector(i, xf, gf);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) xhat[e] = xf[e] * rstd;
       weight_factors<M, XT, VEC>(xhat, wf);
@@ -210,15 +210,7 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       float xf[VEC], gf[VEC], out[VEC];
-      Raw xv, gv;
-      if constexpr (kReload) {
-        staged(i, xv, gv);
-      } else {
-        xv = xr[i];
-        gv = gr[i];
-      }
-      unpack<XT, VEC>(xv, xf);
-      unpack<XT, VEC>(gv, gf);
+      row_vector(i, xf, gf);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) out[e] = fmaf(rstd, gf[e] * mw[i][e], -xf[e] * x_coef);
       dx_ptr[i * tpr] = pack_vector<XT, VEC>(out);
@@ -235,10 +227,8 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
   float w_part[NV][VEC];
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
-    const int64_t col = static_cast<int64_t>(lane + i * tpr) * VEC;
     float w[VEC], m[VEC];
-    load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+    load_w_m(i, w, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       w_part[i][e] = acc_s[i][e] * m[e];
