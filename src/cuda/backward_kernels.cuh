@@ -86,9 +86,47 @@ __device__ __forceinline__ void write_block_partials(const float (&acc)[NV][VEC]
                                                      int team, int teams, float* team_partials) {
   float* dst = partials + static_cast<int64_t>(blockIdx.x) * dim;
   if (teams == 1) {
+    // A warp's 32 vectors of 8 floats are 1 KB of contiguous columns. Stored as they lie, each
+    // store instruction touched 32 sectors 4 bytes each (8 instructions a vector): ~0.6 M extra
+    // L2 write sectors on ltx2b-t2v, all in the burst at the end of the row pass, which the
+    // finalize then waited on. Instead the lanes trade halves so that each of two 16-byte stores
+    // covers 512 contiguous bytes (H200 backward op: ltx2b-t2v 59.6 -> 52.6 us, ltx13b 107.6 ->
+    // 96.0, flux 68.2 -> 61.2, wan14b 284.8 -> 264.0; performance log, session 12).
+    // (float32 x: a vector is 16 bytes, one store of its own.)
+    const bool aligned = reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+    const bool warp_stores = VEC == 8 && tpr % 32 == 0 && aligned;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int v = lane + i * tpr;
+      const int warp_v0 = v - (threadIdx.x & 31);  // the warp's first vector (uniform)
+      if constexpr (VEC == 8) {
+        if (warp_stores && warp_v0 + 32 <= dim_vecs) {
+          const int l = threadIdx.x & 31;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int src = 16 * j + (l >> 1);
+            float lo[4], hi[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              lo[q] = __shfl_sync(0xffffffffu, acc[i][q], src);
+              hi[q] = __shfl_sync(0xffffffffu, acc[i][4 + q], src);
+            }
+            const float4 out = (l & 1) ? make_float4(hi[0], hi[1], hi[2], hi[3])
+                                       : make_float4(lo[0], lo[1], lo[2], lo[3]);
+            reinterpret_cast<float4*>(dst + static_cast<int64_t>(warp_v0) * VEC)[32 * j + l] = out;
+          }
+          continue;
+        }
+      }
+      if constexpr (VEC == 4) {
+        if (aligned) {
+          if (v < dim_vecs) {
+            reinterpret_cast<float4*>(dst)[v] =
+                make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+          }
+          continue;
+        }
+      }
       if (v < dim_vecs) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) dst[v * VEC + e] = acc[i][e];

@@ -10,31 +10,25 @@
 // Why a second kernel: ncu of backward_const_kernel<RING> on ltx2b-t2v counted 438 warp
 // instructions per row and warp, ~145 of them per-row overhead (64-bit row bounds, run-time tests
 // of the optional outputs on every vector, the block sum's two barriers, rebuilt addresses). Here:
+//   - one 16-byte vector a thread, the block's threads owning exactly the row's vectors
+//     (dim_vecs threads, whole warps), so no vector is tested, at 64 registers;
 //   - the row walk counts rows in 32 bits; x / dy come through the bulk-copy ring as before, rstd
 //     and dx advance by a pointer step;
 //   - the optional outputs are template flags (kShift) or go to the generic kernel (the host
-//     routes anything else there), and the threads of a block own exactly the row's vectors
-//     (TPR = dim_vecs / NV at run time), so no vector is tested;
+//     routes anything else there);
 //   - the block sum takes one barrier (two alternating buffers) and a butterfly over the warps;
-//   - dx and llama's rounding pack two values per conversion;
-//   - 64 registers with one vector a thread, 80 with two.
+//   - dx and llama's rounding pack two values per conversion.
 // On ltx2b-t2v that is 26% fewer instructions (27.6 M -> 20.4 M) and 14% less time at ncu's locked
-// base clock, but level at the boost clock the benchmark runs at (51 us either way): there the row
-// pass is bound by the memory side, not by its instruction stream (performance log, session 12).
-// What it gains at that clock is a few percent on long rows (ltx13b, wan14b), so the host takes it
-// only for the row lengths where it measured faster.
+// base clock, but level at the boost clock the benchmark runs at: there the row pass was bound by
+// its uncoalesced partial-sum stores (write_block_partials) and the memory side. With those
+// stores fixed it is 1-6% faster than the generic ring on every BENCH row length it takes
+// (performance log, session 12).
 // Results and determinism are those of backward_const_kernel: the same fixed-order sums.
 #pragma once
 
 #include "backward_kernels.cuh"
 
 namespace modnorm::cuda_detail {
-
-// Threads a block for the lean kernel: NV vectors each, one block per row.
-template <int NV>
-constexpr int lean_max_threads() {
-  return NV == 1 ? 1024 : 768;
-}
 
 // Two floats to two elements of T in one 32-bit word (lo in the low half), one conversion.
 template <DType T>
@@ -72,20 +66,21 @@ __device__ __forceinline__ void weight_factors(const float (&xhat)[VEC], float (
   }
 }
 
-template <DType XT, CastingMode M, int VEC, int NV, bool kShift>
-__global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
+// Rows of up to 1024 vectors: blocks of up to 1024 threads, so at most 64 registers a thread.
+constexpr int kLeanMaxThreads = 1024;
+
+template <DType XT, CastingMode M, int VEC, bool kShift>
+__global__ void __launch_bounds__(kLeanMaxThreads, 1)
     backward_lean_kernel(const __grid_constant__ BackwardArgs p) {
   static_assert(M != CastingMode::kGemma, "gemma's dscale does not factor");
   static_assert(VEC % 2 == 0, "16-byte vectors of pairs");
   __shared__ float red[2][32];
   __shared__ uint64_t ring_full[kMaxRingStages];
   extern __shared__ __align__(16) char lean_ring[];
-  const int tpr = static_cast<int>(blockDim.x);  // = dim_vecs / NV (host-checked)
+  constexpr int NV = 1;  // vectors a thread; write_block_partials takes [NV][VEC] sums
+  const int tpr = static_cast<int>(blockDim.x);  // = dim_vecs (host-checked)
   const int lane = static_cast<int>(threadIdx.x);
   const int warps = tpr >> 5;
-  // Two vectors a thread read the staged rows again for dx instead of holding them: held, they
-  // spilled at the 80 registers that three 256-thread blocks an SM allow.
-  constexpr bool kReload = NV > 1;
 
   const RowWalk walk = block_row_walk<1>(p.rows, p.group_rows, p.blocks_per_group,
                                          p.rows_per_block, p.interleave != 0);
@@ -98,22 +93,21 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
 
   // The block's constant m * w per column, and the sums.
   const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, walk.begin) : 0;
-  // w and m of this thread's vector i (read again for the partials at the end).
-  auto load_w_m = [&](int i, float (&w)[VEC], float (&m)[VEC]) {
-    const int64_t col = static_cast<int64_t>(lane + i * tpr) * VEC;
+  // w and m of this thread's vector (read again for the partials at the end).
+  auto load_w_m = [&](float (&w)[VEC], float (&m)[VEC]) {
+    const int64_t col = static_cast<int64_t>(lane) * VEC;
     load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
     load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
   };
   float mw[NV][VEC], acc_s[NV][VEC], acc_h[kShift ? NV : 1][VEC];
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
+  {
     float w[VEC], m[VEC];
-    load_w_m(i, w, m);
+    load_w_m(w, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      mw[i][e] = m[e] * w[e];
-      acc_s[i][e] = 0.f;
-      if constexpr (kShift) acc_h[i][e] = 0.f;
+      mw[0][e] = m[e] * w[e];
+      acc_s[0][e] = 0.f;
+      if constexpr (kShift) acc_h[0][e] = 0.f;
     }
   }
 
@@ -150,38 +144,22 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
     }
     mbar_wait_at(bar_base + 8u * slot, parity);
     const unsigned x_addr = ring_addr + slot * stage_bytes + lane_off;
-    Raw xr[kReload ? 1 : NV], gr[kReload ? 1 : NV];
-    if constexpr (!kReload) {
-#pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        xr[i] = load_shared_16(x_addr + 16u * i * tpr);
-        gr[i] = load_shared_16(x_addr + row_bytes + 16u * i * tpr);
-      }
-    }
-    // This thread's vector i of the staged x and dy rows as floats: from the registers, or the
-    // stage again (kReload).
-    auto row_vector = [&](int i, float (&xf)[VEC], float (&gf)[VEC]) {
-      const int h = kReload ? 0 : i;
-      if constexpr (kReload) {
-        xr[0] = load_shared_16(x_addr + 16u * i * tpr);
-        gr[0] = load_shared_16(x_addr + row_bytes + 16u * i * tpr);
-      }
-      unpack<XT, VEC>(xr[h], xf);
-      unpack<XT, VEC>(gr[h], gf);
-    };
+    // This thread's vector of the staged x and dy rows, held for dx.
+    const Raw xr = load_shared_16(x_addr);
+    const Raw gr = load_shared_16(x_addr + row_bytes);
     float dot = 0.f;
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
+    {
       float xf[VEC], gf[VEC], xhat[VEC], wf[VEC];
-      row_vector(i, xf, gf);
+      unpack<XT, VEC>(xr, xf);
+      unpack<XT, VEC>(gr, gf);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) xhat[e] = xf[e] * rstd;
       weight_factors<M, XT, VEC>(xhat, wf);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        dot = fmaf(gf[e] * mw[i][e], xhat[e], dot);
-        acc_s[i][e] = fmaf(gf[e], wf[e], acc_s[i][e]);
-        if constexpr (kShift) acc_h[i][e] += gf[e];
+        dot = fmaf(gf[e] * mw[0][e], xhat[e], dot);
+        acc_s[0][e] = fmaf(gf[e], wf[e], acc_s[0][e]);
+        if constexpr (kShift) acc_h[0][e] += gf[e];
       }
     }
     // The block's sum; one barrier, the partials alternating between two buffers.
@@ -195,25 +173,17 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
     float total = (lane & 31) < warps ? r[lane & 31] : 0.f;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-    if constexpr (!kReload) {
-      // Past the barrier every thread holds this stage's rows in registers: refill it.
-      if (threadIdx.x == 0 && k + stages < rows) issue(slot, k + stages);
-    } else {
-      // dx below reads the stage again; past this barrier every thread has finished the
-      // previous row's, so that stage is refilled (one row later than when rows are held).
-      if (threadIdx.x == 0 && k > 0 && k - 1 + stages < rows) {
-        issue(slot == 0 ? stages - 1 : slot - 1, k - 1 + stages);
-      }
-    }
+    // Past the barrier every thread holds this stage's rows in registers: refill it.
+    if (threadIdx.x == 0 && k + stages < rows) issue(slot, k + stages);
     // dx = rstd * (g*m*w) - x * (rstd^2 * mean(g*m*w * xhat))
     const float x_coef = total * p.inv_dim * rstd * rstd;
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
+    {
       float xf[VEC], gf[VEC], out[VEC];
-      row_vector(i, xf, gf);
+      unpack<XT, VEC>(xr, xf);
+      unpack<XT, VEC>(gr, gf);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) out[e] = fmaf(rstd, gf[e] * mw[i][e], -xf[e] * x_coef);
-      dx_ptr[i * tpr] = pack_vector<XT, VEC>(out);
+      for (int e = 0; e < VEC; ++e) out[e] = fmaf(rstd, gf[e] * mw[0][e], -xf[e] * x_coef);
+      *dx_ptr = pack_vector<XT, VEC>(out);
     }
     dx_ptr += dx_step;
     if (++slot == stages) {
@@ -225,14 +195,13 @@ __global__ void __launch_bounds__(lean_max_threads<NV>(), 1)
   allow_dependent_launch();  // the finalize may start its blocks; it waits for these partials
   // dweight partial = m * S, dscale partial = w * S (backward_const_kernel's factoring).
   float w_part[NV][VEC];
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
+  {
     float w[VEC], m[VEC];
-    load_w_m(i, w, m);
+    load_w_m(w, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      w_part[i][e] = acc_s[i][e] * m[e];
-      acc_s[i][e] *= w[e];
+      w_part[0][e] = acc_s[0][e] * m[e];
+      acc_s[0][e] *= w[e];
     }
   }
   if (p.dweight_partials != nullptr) {

@@ -5,7 +5,8 @@
 //             reads one scale row (on sm_90+ its rows stream x and dy through a ring of bulk
 //             copies: a row a stage for block-wide teams, with per-token scale rows as a third
 //             row of each stage; a tile of rows and their rstd a stage for warp teams; the
-//             common layout's block-wide rows of some lengths take backward_lean_kernel instead),
+//             common layout's block-wide rows of whole warps of vectors take
+//             backward_lean_kernel instead),
 //             backward_pipe_kernel (rows streamed through a cp.async ring) for other per-token
 //             scale and short rows, else backward_reg_kernel, computing dx, dweight
 //             partials, per-row dscale/dshift, and fused partials for shared blocked (per-sample /
@@ -56,44 +57,23 @@ constexpr int64_t kBackwardRingBudget = 64 * 1024;
 // performance log, session 11).
 constexpr int kBlockRingStages = 3;
 
-// backward_lean_kernel's vectors a thread for block-wide rows of dim_vecs vectors (0: it does
-// not take them). Its blocks own a row exactly (dim_vecs / NV threads, whole warps). Chosen by
-// measurement (H200 op times against the generic ring, performance log, session 12): one vector
-// a thread up to 256 vectors (ltx2b: 59.4 -> 58.5 us) and from 513 to 1024 (wan14b, 640 threads:
-// 285 -> 273 us; two vectors on 320 threads 280), two from 448 to 512 (ltx13b: 108.8 -> 104.7 us;
-// one on 512 threads 108.8); rows of 257-447 vectors keep the generic ring, which ran faster there
-// at every block size and vector count tried (flux 68.0 us against 74-76, mochi 207.7 against
-// 208-245). float16 x never takes two (its two-vector kernel spills in the row loop).
-// MODNORM_BWD_LEAN_NV=1|2 forces a count wherever it fits (comparisons).
-int lean_vectors(int64_t dim_vecs, DType x_dtype) {
-  static const int forced = env_int("MODNORM_BWD_LEAN_NV", 0);
-  auto fits = [&](int nv) {
-    if (nv == 2 && x_dtype == DType::kFloat16) return false;
-    return dim_vecs % (32 * nv) == 0 && dim_vecs / nv <= (nv == 1 ? 1024 : 384);
-  };
-  if (forced == 1 || forced == 2) return fits(forced) ? forced : 0;
-  if (dim_vecs > 256 && dim_vecs < 448) return 0;
-  if (dim_vecs >= 448 && dim_vecs <= 512 && fits(2)) return 2;
-  return fits(1) ? 1 : 0;
+// Whether backward_lean_kernel takes block-wide rows of dim_vecs vectors: one vector on each of
+// dim_vecs threads, so whole warps and at most 1024. With the block partials stored coalesced it
+// measured faster than the generic ring on every BENCH row length (H200 op, 2-3 blocks an SM:
+// ltx2b-t2v 54.4 -> 51.2 us, flux 61.2 -> 58.8, ltx13b 95.5 -> 94.1, mochi 206.1 -> 204.3, wan14b
+// 273.8 -> 261.8; performance log, session 12), where two vectors a thread did not.
+bool lean_fits(int64_t dim_vecs) {
+  return dim_vecs % 32 == 0 && dim_vecs <= cuda_detail::kLeanMaxThreads;
 }
-// Resident blocks an SM the lean kernel's grid is planned for: its register bounds allow three
-// or four, but the extra blocks' partial sums (written, then read by the finalize) cost more
-// than they gave (ltx2b at four: 62.8 us, at two 58.5; ltx13b at three 111.5, at two 104.7).
-constexpr int kLeanBlocksPerSm = 2;
-// Stages of its ring: with two vectors a thread dx reads the staged rows again, so a stage is
-// refilled a row later than when they are held, and it takes one more.
-int lean_ring_stages(int nv) { return nv == 1 ? kBlockRingStages : kBlockRingStages + 1; }
+// Resident blocks an SM its grid is planned for, at most: the 64-register bound allows four of
+// 256 threads, but the fourth's partial sums cost more than it gave (ltx2b-t2v: 51.2 us at three,
+// 53.3 at four, 52.2 at two; ltx13b's 512-thread blocks fit two).
+constexpr int kLeanBlocksPerSm = 3;
 
 template <DType XT, CastingMode M, int VEC, typename F>
-void visit_lean_kernel(int nv, bool shift, F&& f) {
-  using cuda_detail::backward_lean_kernel;
-  if (XT == DType::kFloat16 || nv == 1) {
-    shift ? f(backward_lean_kernel<XT, M, VEC, 1, true>)
-          : f(backward_lean_kernel<XT, M, VEC, 1, false>);
-  } else if constexpr (XT != DType::kFloat16) {
-    shift ? f(backward_lean_kernel<XT, M, VEC, 2, true>)
-          : f(backward_lean_kernel<XT, M, VEC, 2, false>);
-  }
+void visit_lean_kernel(bool shift, F&& f) {
+  shift ? f(cuda_detail::backward_lean_kernel<XT, M, VEC, true>)
+        : f(cuda_detail::backward_lean_kernel<XT, M, VEC, false>);
 }
 // Row traffic (x, dy, dx) below which a backward pass is latency-bound (~8 us at full bandwidth).
 constexpr int64_t kLatencyBoundBytes = 32ll << 20;
@@ -158,7 +138,7 @@ struct BackwardLayout {
   int cache_w = -1, cache_s = -1;  // pipe kernel: weight / shared scale row in shared memory
   bool const_mod = false;           // backward_const_kernel instead of backward_reg_kernel
   int ring_stages = 0;              // backward_const_kernel<RING>: x/dy stages in shared memory
-  int lean_nv = 0;                  // > 0: backward_lean_kernel, this many vectors a thread
+  bool lean = false;                // backward_lean_kernel (block-wide ring, common layout)
   bool token = false;               // ... with per-token scale rows in the stages (TOKEN)
   int64_t blocks = 0, groups = 1, group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   GradRoute dweight = GradRoute::kNone, dscale = GradRoute::kNone, dshift = GradRoute::kNone;
@@ -243,10 +223,10 @@ struct BackwardImpl {
       // allows (none if two do not fit). The stages also hold a tile ring's team partials at the
       // end (>= teams * dim floats).
       auto take_ring = [&](const void* ring_kernel, int threads, int teams, int64_t stage_bytes,
-                           int64_t in_flight, bool token, int fixed_stages = kBlockRingStages) {
+                           int64_t in_flight, bool token) {
         const int reg_blocks = blocks_per_sm(device, ring_kernel, threads, 0);
         int stages = forced_stages > 0 ? forced_stages
-                     : in_flight == 0  ? fixed_stages
+                     : in_flight == 0  ? kBlockRingStages
                                        : 1 + int(ceil_div(in_flight, reg_blocks * stage_bytes));
         stages = std::max(2, std::min(stages, cuda_detail::kMaxRingStages));
         auto fits = [&](int n) {
@@ -285,15 +265,14 @@ struct BackwardImpl {
         // The common layout (dx, no per-row modulation gradient) takes backward_lean_kernel
         // where its blocks own a row exactly; MODNORM_BWD_LEAN=0 keeps the generic ring.
         static const bool lean_off = env_switch("MODNORM_BWD_LEAN") == "0";
-        const int lean_nv = lean_vectors(dv, XT);
         if (const_candidate && !token_ring && allow_ring && forced != "const" && !force_pipe &&
-            !lean_off && dv > 64 && info.cc_major >= 9 && lean_nv > 0 && bp.need_dx &&
+            !lean_off && dv > 64 && info.cc_major >= 9 && lean_fits(dv) && bp.need_dx &&
             l.dscale != GradRoute::kDirect && l.dshift != GradRoute::kDirect) {
-          visit_lean_kernel<XT, M, kVec>(lean_nv, bp.need_dshift, [&](auto lean_kernel) {
-            take_ring(reinterpret_cast<const void*>(lean_kernel), dv / lean_nv, 1,
-                      2 * int64_t(dv) * 16, 0, false, lean_ring_stages(lean_nv));
+          visit_lean_kernel<XT, M, kVec>(bp.need_dshift, [&](auto lean_kernel) {
+            take_ring(reinterpret_cast<const void*>(lean_kernel), dv, 1, 2 * int64_t(dv) * 16, 0,
+                      false);
           });
-          if (l.reg_path) l.lean_nv = lean_nv;
+          l.lean = l.reg_path;
         }
         if ((const_candidate || token_ring) && allow_ring && forced != "const" && !force_pipe &&
             dv > 64 && info.cc_major >= 9 && !l.reg_path) {
@@ -389,8 +368,11 @@ struct BackwardImpl {
       // MODNORM_BWD_BLOCKS_PER_SM=N plans for at most N resident blocks an SM (comparisons).
       static const int forced_blocks_per_sm = env_int("MODNORM_BWD_BLOCKS_PER_SM", 0);
       int occupancy = blocks_per_sm(device, kernel, l.threads, l.reg_smem);
-      if (l.lean_nv > 0) occupancy = std::min(occupancy, kLeanBlocksPerSm);
-      if (forced_blocks_per_sm > 0) occupancy = std::min(occupancy, forced_blocks_per_sm);
+      if (forced_blocks_per_sm > 0) {
+        occupancy = std::min(occupancy, forced_blocks_per_sm);
+      } else if (l.lean) {
+        occupancy = std::min(occupancy, kLeanBlocksPerSm);
+      }
       int64_t target = int64_t(info.sm_count) * occupancy;
       const int64_t row_traffic = p.rows * p.dim * 3 * int64_t(dtype_size(p.x_dtype));  // x, dy, dx
       if (streams > 0 && row_traffic >= kLatencyBoundBytes) {
@@ -611,11 +593,11 @@ struct BackwardImpl {
             kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
             check_launch("modnorm backward_pipe_kernel");
           });
-        } else if (l.lean_nv > 0 && a.dx_vectorized && a.dscale_direct == nullptr &&
+        } else if (l.lean && a.dx_vectorized && a.dscale_direct == nullptr &&
                    a.dshift_direct == nullptr) {
           if constexpr (M != CastingMode::kGemma) {
             visit_lean_kernel<XT, M, kVec>(
-                l.lean_nv, a.dshift_partials != nullptr, [&](auto kernel) {
+                a.dshift_partials != nullptr, [&](auto kernel) {
                   a.ring_stages = l.ring_stages;
                   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
                   kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);

@@ -169,20 +169,19 @@ def test_backward_one_vector_ring_is_the_one_that_runs():
 
 
 # backward_lean_kernel (sm_90+): block-wide rows of the common layout (dx, the block's one scale
-# row, no per-row modulation gradient) whose vectors fill whole warps: one vector a thread up to
-# 256 vectors and from 513 to 1024 (float16 always), two from 448 to 512 (dx then reads the staged
-# rows again). Each block-size class in every dtype, with and without weight and shift, llama and
-# no casting, every modulation layout it takes; short sequences (a row or two a block) here, long
-# ones below.
+# row, no per-row modulation gradient) whose 16-byte vectors fill whole warps, one vector on each
+# thread (96 to 1024 threads). Each block-size class in every dtype, with and without weight and
+# shift, llama and no casting, every modulation layout it takes; short sequences (a row or two a
+# block) here, long ones below.
 LEAN_SHAPES = [
-    (torch.bfloat16, 768),  # 96 vectors: one a thread, three warps
-    (torch.bfloat16, 2048),  # 256: one, 256 threads (ltx2b)
-    (torch.bfloat16, 4096),  # 512: two, 256 threads (ltx13b)
-    (torch.bfloat16, 5120),  # 640: one, 640 threads (wan)
-    (torch.bfloat16, 8192),  # 1024: one, 1024 threads
-    (torch.float16, 4096),  # 512: one (float16 never two), 512 threads
-    (torch.float32, 2048),  # 512 float32 vectors: two, 256 threads
-    (torch.float32, 3072),  # 768: one, 768 threads
+    (torch.bfloat16, 768),  # 96 vectors: three warps
+    (torch.bfloat16, 2048),  # 256 (ltx2b)
+    (torch.bfloat16, 3072),  # 384 (flux, mochi)
+    (torch.bfloat16, 5120),  # 640 (wan)
+    (torch.bfloat16, 8192),  # 1024
+    (torch.float16, 4096),  # 512 (ltx13b's length)
+    (torch.float32, 2048),  # 512 float32 vectors
+    (torch.float32, 3072),  # 768
 ]
 LEAN_IDS = [f"{str(d).replace('torch.', '')}-{D}" for d, D in LEAN_SHAPES]
 
@@ -198,7 +197,7 @@ def test_backward_lean_kernel(dtype, D, kind, weight, shift, mode):
 
 
 # Long sequences: each block walks many rows, so every stage of the ring is refilled and its
-# barrier phases wrap several times (with two vectors a thread, a row later than with one).
+# barrier phases wrap several times.
 @pytest.mark.parametrize("dtype,D", [LEAN_SHAPES[i] for i in (1, 2, 3, 5, 7)], ids=[LEAN_IDS[i] for i in (1, 2, 3, 5, 7)])
 @pytest.mark.parametrize("kind", ["per_sample", "chunk", "shared"])
 def test_backward_lean_kernel_long_sequences(dtype, D, kind):
@@ -210,17 +209,17 @@ def test_backward_lean_kernel_long_sequences(dtype, D, kind):
 @pytest.mark.parametrize(
     "dtype,D,shift,expected",
     [
-        (torch.bfloat16, 2048, True, ", 8, 1, true>"),
-        (torch.bfloat16, 2048, False, ", 8, 1, false>"),
-        (torch.bfloat16, 4096, True, ", 8, 2, true>"),
-        (torch.bfloat16, 5120, True, ", 8, 1, true>"),
-        (torch.float16, 4096, True, ", 8, 1, true>"),
-        (torch.float32, 3072, True, ", 4, 1, true>"),
-        (torch.bfloat16, 3072, True, None),  # 384 vectors: the generic ring
+        (torch.bfloat16, 2048, True, ", 8, true>"),
+        (torch.bfloat16, 2048, False, ", 8, false>"),
+        (torch.bfloat16, 4096, True, ", 8, true>"),
+        (torch.bfloat16, 3072, True, ", 8, true>"),
+        (torch.float16, 4096, True, ", 8, true>"),
+        (torch.float32, 3072, True, ", 4, true>"),
+        (torch.bfloat16, 1544, True, None),  # 193 vectors, not whole warps: the generic ring
     ],
 )
 def test_backward_lean_kernel_is_the_one_that_runs(dtype, D, shift, expected):
-    # Routing: <XT, M, VEC, NV, SHIFT> for the layouts above, and no generic row kernel beside it
+    # Routing: <XT, M, VEC, SHIFT> for the layouts above, and no generic row kernel beside it
     # (expected None: the generic ring's backward_const_kernel and no lean kernel).
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("bulk-copy rings need sm_90")
