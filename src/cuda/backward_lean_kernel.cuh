@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kLeanMaxThreads, 1)
     fence_mbar_init();
     for (int s = 0; s < stages && s < rows; ++s) issue(s, s);
   }
-  // rstd one row ahead; dx of this thread's first vector, advanced a row at a time.
+  // rstd one row ahead; this thread's dx vector, advanced a row at a time.
   const float* rstd_ptr = p.rstd + walk.begin;
   const int64_t rstd_step = walk.step;
   float rstd_next = rows > 0 ? *rstd_ptr : 0.f;
