@@ -98,8 +98,8 @@ __device__ __forceinline__ void write_block_partials(const float (&acc)[NV][VEC]
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int v = lane + i * tpr;
-      const int warp_v0 = v - (threadIdx.x & 31);  // the warp's first vector (uniform)
       if constexpr (VEC == 8) {
+        const int warp_v0 = v - (threadIdx.x & 31);  // the warp's first vector (uniform)
         if (warp_stores && warp_v0 + 32 <= dim_vecs) {
           const int l = threadIdx.x & 31;
 #pragma unroll
@@ -461,7 +461,6 @@ __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TE
       bulk_copy_to_shared(stage + 2 * row_bytes, m_row, m_row_bytes, &ring_full[slot]);
     }
   };
-  // This thread's vectors of a staged x row and dy row, into registers.
   // This thread's vectors of a staged x row and dy row, into registers. Shared-window addresses,
   // from bases computed once per block: rebuilding them from generic pointers every row cost
   // instructions (t2v backward 61.5 -> 60.5 us, performance log, session 11).

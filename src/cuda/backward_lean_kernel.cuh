@@ -17,7 +17,7 @@
 //   - the optional outputs are template flags (kShift) or go to the generic kernel (the host
 //     routes anything else there);
 //   - the block sum takes one barrier (two alternating buffers) and a butterfly over the warps;
-//   - dx and llama's rounding pack two values per conversion.
+//   - llama's rounding converts two values at a time (round_pair).
 // On ltx2b-t2v that is 26% fewer instructions (27.6 M -> 20.4 M) and 14% less time at ncu's locked
 // base clock, but level at the boost clock the benchmark runs at: there the row pass was bound by
 // its uncoalesced partial-sum stores (write_block_partials) and the memory side. With those
@@ -29,31 +29,6 @@
 #include "backward_kernels.cuh"
 
 namespace modnorm::cuda_detail {
-
-// Two floats to two elements of T in one 32-bit word (lo in the low half), one conversion.
-template <DType T>
-__device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
-  if constexpr (T == DType::kBFloat16) {
-    unsigned u;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(hi), "f"(lo));
-    return u;
-  } else {
-    static_assert(T == DType::kFloat16, "pairs of 16-bit elements");
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const unsigned*>(&h);
-  }
-}
-
-template <DType XT, int VEC>
-__device__ __forceinline__ uint4 pack_vector(const float (&f)[VEC]) {
-  if constexpr (XT == DType::kFloat32) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
-                      __float_as_uint(f[3]));
-  } else {
-    return make_uint4(pack_pair<XT>(f[0], f[1]), pack_pair<XT>(f[2], f[3]),
-                      pack_pair<XT>(f[4], f[5]), pack_pair<XT>(f[6], f[7]));
-  }
-}
 
 // weight_factor of a vector of xhat, two values per conversion where llama rounds.
 template <CastingMode M, DType XT, int VEC>
@@ -183,7 +158,7 @@ __global__ void __launch_bounds__(kLeanMaxThreads, 1)
       unpack<XT, VEC>(gr, gf);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) out[e] = fmaf(rstd, gf[e] * mw[0][e], -xf[e] * x_coef);
-      *dx_ptr = pack_vector<XT, VEC>(out);
+      *dx_ptr = pack<XT, VEC, Raw>(out);
     }
     dx_ptr += dx_step;
     if (++slot == stages) {

@@ -593,8 +593,7 @@ struct BackwardImpl {
             kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
             check_launch("modnorm backward_pipe_kernel");
           });
-        } else if (l.lean && a.dx_vectorized && a.dscale_direct == nullptr &&
-                   a.dshift_direct == nullptr) {
+        } else if (l.lean && a.dx_vectorized) {  // (lean layouts have no direct gradients)
           if constexpr (M != CastingMode::kGemma) {
             visit_lean_kernel<XT, M, kVec>(
                 a.dshift_partials != nullptr, [&](auto kernel) {
