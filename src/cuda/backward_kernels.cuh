@@ -1011,7 +1011,6 @@ __global__ void __launch_bounds__(kColumnLanes* kColumnRowLanes)
 }
 
 constexpr int kFinalizeCols = 32;
-constexpr int kFinalizeLanes = 32;
 
 // One reduction: out[group * dest_row_stride][j] = the sum over k < parts of
 // partials[(group * parts + k) * dim + j].
@@ -1032,12 +1031,21 @@ struct FinalizeArgs {
   int jobs = 0;
 };
 
-// Each lane sums its parts k = ty, ty + lanes, ... with four loads in flight (accumulators by k
-// modulo four strides, combined in a fixed order), then the lanes' sums are added in lane order:
+// Each lane sums its parts k = ty, ty + lanes, ... with kLoads loads in flight (accumulators by k
+// modulo kLoads strides, combined in a fixed order), then the lanes' sums are added in lane order:
 // the order depends on the shape alone, so results are bitwise reproducible.
-__global__ void __launch_bounds__(kFinalizeCols* kFinalizeLanes)
+// Two shapes of 32 columns (the host picks by grid size, launch_finalize):
+//   - 16 lanes with eight loads in flight where the grid has a block for every SM: twice the
+//     blocks at half the registers, so a block fits beside three resident blocks of the row pass
+//     and more of the finalize is placed while the row pass drains (H200, backward op: flux 59.0
+//     -> 57.6 us, ltx2b-t2v and ltx13b level);
+//   - 32 lanes with four loads in flight for smaller grids (qk-norm's 128 columns: 4 blocks),
+//     where 16 lanes lost 0.3-0.7 us and 8 columns x 128 lanes (16 blocks) gained nothing
+//     (performance log, session 13).
+template <int kLanes, int kLoads>
+__global__ void __launch_bounds__(kFinalizeCols* kLanes)
     finalize_kernel(const __grid_constant__ FinalizeArgs a) {
-  __shared__ float lane_sums[kFinalizeLanes][kFinalizeCols + 1];
+  __shared__ float lane_sums[kLanes][kFinalizeCols + 1];
   wait_for_prior_grid();  // the partials come from the kernels before (programmatic launch)
   int which = 0;
   while (which + 1 < a.jobs && blockIdx.x >= a.first_block[which + 1]) ++which;
@@ -1051,24 +1059,31 @@ __global__ void __launch_bounds__(kFinalizeCols* kFinalizeLanes)
   float s = 0.f;
   if (j < dim) {
     const float* src = job.partials + group * job.parts * dim + j;
-    constexpr int L = kFinalizeLanes;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    constexpr int L = kLanes;
+    float acc[kLoads] = {};
     int64_t k = ty;
-    for (; k + 3 * L < job.parts; k += 4 * L) {
-      s0 += src[k * dim];
-      s1 += src[(k + L) * dim];
-      s2 += src[(k + 2 * L) * dim];
-      s3 += src[(k + 3 * L) * dim];
+    for (; k + (kLoads - 1) * L < job.parts; k += kLoads * L) {
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) acc[u] += src[(k + u * L) * dim];
     }
-    for (; k < job.parts; k += L) s0 += src[k * dim];
-    s = (s0 + s1) + (s2 + s3);
+    if constexpr (kLoads == 4) {
+      for (; k < job.parts; k += L) acc[0] += src[k * dim];
+      s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    } else {
+      static_assert(kLoads == 8, "four or eight loads in flight");
+#pragma unroll
+      for (int u = 0; u < kLoads - 1; ++u) {
+        if (k + u * L < job.parts) acc[u] += src[(k + u * L) * dim];
+      }
+      s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
   }
   lane_sums[ty][tx] = s;
   __syncthreads();
   if (ty == 0 && j < dim) {
     float t = 0.f;
 #pragma unroll 8
-    for (int l = 0; l < kFinalizeLanes; ++l) t += lane_sums[l][tx];
+    for (int l = 0; l < kLanes; ++l) t += lane_sums[l][tx];
     store_any<1>(job.out, job.out_dtype, group * job.dest_row_stride * dim + j, &t, false);
   }
 }

@@ -501,9 +501,11 @@ struct BackwardImpl {
     // Launched programmatically (sm_90+): its blocks start while the row pass drains, and wait
     // in the kernel for the partials. MODNORM_PDL=0 launches it plainly (comparisons).
     static const bool pdl = env_switch("MODNORM_PDL") != "0";
+    // finalize_kernel's 16-lane shape where the grid has a block for every SM (see the kernel).
+    const bool narrow = grid >= device_info(device).sm_count;
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(static_cast<unsigned>(grid));
-    config.blockDim = dim3(cuda_detail::kFinalizeCols * cuda_detail::kFinalizeLanes);
+    config.blockDim = dim3(cuda_detail::kFinalizeCols * (narrow ? 16 : 32));
     config.dynamicSmemBytes = 0;
     config.stream = stream;
     cudaLaunchAttribute attribute[1];
@@ -511,8 +513,10 @@ struct BackwardImpl {
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attribute;
     config.numAttrs = pdl && device_info(device).cc_major >= 9 ? 1 : 0;
-    cuda_detail::check_cuda(cudaLaunchKernelEx(&config, cuda_detail::finalize_kernel, f),
-                            "modnorm finalize_kernel launch");
+    using cuda_detail::finalize_kernel;
+    const cudaError_t launched = narrow ? cudaLaunchKernelEx(&config, finalize_kernel<16, 8>, f)
+                                        : cudaLaunchKernelEx(&config, finalize_kernel<32, 4>, f);
+    cuda_detail::check_cuda(launched, "modnorm finalize_kernel launch");
   }
 
   static void run(const BackwardPlan& bp, const float* rstd, const Gradients& grads,

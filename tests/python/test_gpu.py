@@ -155,6 +155,22 @@ def backward_kernel_names(x, w, s, h, kernel):
     return [n.replace("(int)", "").replace("(bool)1", "true").replace("(bool)0", "false") for n in names]
 
 
+# The finalize's two shapes (backward_kernels.cuh, finalize_kernel): 16 lanes with eight loads in
+# flight where its grid has a block for every SM, 32 lanes with four where it has fewer. Each case
+# has more partial rows per group than one round of its loads covers, so the loop and its
+# remainder both run; results against float64 and the eager code.
+@pytest.mark.parametrize("D,T,shape", [(2048, 2500, "<16, 8>"), (128, 4000, "<32, 4>")], ids=["narrow", "wide"])
+def test_finalize_shapes(D, T, shape):
+    from test_accuracy import check_case
+
+    check_case("cuda", torch.bfloat16, "llama", 0.0, "per_sample", True, True, D=D, T=T)
+    bf = dict(device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, T, D, **bf)
+    w, s, h = torch.randn(D, **bf), torch.randn(2, 1, D, **bf), torch.randn(2, 1, D, **bf)
+    names = backward_kernel_names(x, w, s, h, "finalize_kernel")
+    assert names and all(shape in n for n in names), names
+
+
 def test_backward_one_vector_ring_is_the_one_that_runs():
     # Routing: 193-vector bf16 rows with per-sample modulation (not whole warps of vectors, so not
     # backward_lean_kernel) take the ring's one-vector shape (256 threads), not the two-vector one
