@@ -6,7 +6,8 @@
 //             copies: a row a stage for block-wide teams, with per-token scale rows as a third
 //             row of each stage; a tile of rows and their rstd a stage for warp teams; the
 //             common layout's block-wide rows of whole warps of vectors take
-//             backward_lean_kernel instead),
+//             backward_lean_kernel instead, and its rows of exactly 8, 16 or 32 vectors, on any
+//             architecture, backward_short_kernel),
 //             backward_pipe_kernel (rows streamed through a cp.async ring) for other per-token
 //             scale and short rows, else backward_reg_kernel, computing dx, dweight
 //             partials, per-row dscale/dshift, and fused partials for shared blocked (per-sample /
@@ -23,6 +24,7 @@
 
 #include "backward_kernels.cuh"
 #include "backward_lean_kernel.cuh"
+#include "backward_short_kernel.cuh"
 #include "launch_common.h"
 
 namespace modnorm::detail {
@@ -69,6 +71,25 @@ bool lean_fits(int64_t dim_vecs) {
 // 256 threads, but the fourth's partial sums cost more than it gave (ltx2b-t2v: 51.2 us at three,
 // 53.3 at four, 52.2 at two; ltx13b's 512-thread blocks fit two).
 constexpr int kLeanBlocksPerSm = 3;
+
+// Whether backward_short_kernel takes rows of dim_vecs vectors: a team of exactly dim_vecs lanes.
+bool short_fits(int64_t dim_vecs) { return dim_vecs == 8 || dim_vecs == 16 || dim_vecs == 32; }
+
+template <DType XT, CastingMode M, int VEC, typename F>
+void visit_short_kernel(int dim_vecs, bool shift, F&& f) {
+  auto pick = [&](auto tpr) {
+    constexpr int TPR = decltype(tpr)::value;
+    shift ? f(cuda_detail::backward_short_kernel<XT, M, VEC, TPR, true>)
+          : f(cuda_detail::backward_short_kernel<XT, M, VEC, TPR, false>);
+  };
+  if (dim_vecs == 8) {
+    pick(std::integral_constant<int, 8>{});
+  } else if (dim_vecs == 16) {
+    pick(std::integral_constant<int, 16>{});
+  } else {
+    pick(std::integral_constant<int, 32>{});
+  }
+}
 
 template <DType XT, CastingMode M, int VEC, typename F>
 void visit_lean_kernel(bool shift, F&& f) {
@@ -139,6 +160,7 @@ struct BackwardLayout {
   bool const_mod = false;           // backward_const_kernel instead of backward_reg_kernel
   int ring_stages = 0;              // backward_const_kernel<RING>: x/dy stages in shared memory
   bool lean = false;                // backward_lean_kernel (block-wide ring, common layout)
+  bool short_rows = false;          // backward_short_kernel (warp teams, common layout)
   bool token = false;               // ... with per-token scale rows in the stages (TOKEN)
   int64_t blocks = 0, groups = 1, group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   GradRoute dweight = GradRoute::kNone, dscale = GradRoute::kNone, dshift = GradRoute::kNone;
@@ -261,6 +283,28 @@ struct BackwardImpl {
               take_ring(ring_kernel, C::kThreads, C::kTeams, stage_bytes, 32 * 1024, false);
             }
           });
+        }
+        // The common layout (dx, no per-row modulation gradient) in rows of exactly 8, 16 or 32
+        // vectors takes backward_short_kernel instead: four rows ahead in registers and no
+        // barrier per tile (H200 qk-norm backward 56.5 -> 52.1 us; two rows ahead at four blocks
+        // an SM 55.3, eight at one 55.0; performance log, session 14). MODNORM_BWD_SHORT=0 keeps
+        // the tile ring (or, before sm_90, backward_const_kernel's warp teams).
+        static const bool short_off = env_switch("MODNORM_BWD_SHORT") == "0";
+        if (const_candidate && !stage_m && allow_ring && forced != "const" && !force_pipe &&
+            !short_off &&
+            short_fits(dv) && bp.need_dx && l.dscale != GradRoute::kDirect &&
+            l.dshift != GradRoute::kDirect) {
+          visit_short_kernel<XT, M, kVec>(dv, bp.need_dshift, [&](auto short_kernel) {
+            kernel = reinterpret_cast<const void*>(short_kernel);
+          });
+          l.threads = cuda_detail::kShortThreads;
+          l.teams = cuda_detail::kShortThreads / dv;
+          l.reg_smem = size_t(l.teams) * p.dim * sizeof(float);  // the team partials at the end
+          l.ring_stages = 0;
+          l.token = false;
+          l.const_mod = true;
+          l.reg_path = true;
+          l.short_rows = true;
         }
         // The common layout (dx, no per-row modulation gradient) takes backward_lean_kernel
         // where its blocks own a row exactly; MODNORM_BWD_LEAN=0 keeps the generic ring.
@@ -400,7 +444,9 @@ struct BackwardImpl {
       if (!one_scale_row_per_block && !l.token) {
         l.cache_s = -1;
         l.const_mod = false;
-        if (l.ring_stages > 0) return layout(bp, false);  // plan the register kernel instead
+        if (l.ring_stages > 0 || l.short_rows) {
+          return layout(bp, false);  // plan the register kernel instead
+        }
       }
       // Blocks per group: the target's share, each with a team's rows at least.
       // backward_const_kernel deals a group's rows out in turn (block_row_walk), so it takes that
@@ -597,6 +643,15 @@ struct BackwardImpl {
             kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
             check_launch("modnorm backward_pipe_kernel");
           });
+        } else if (l.short_rows && a.dx_vectorized) {  // (no direct gradients either)
+          if constexpr (M != CastingMode::kGemma) {
+            visit_short_kernel<XT, M, kVec>(
+                a.dim_vecs, a.dshift_partials != nullptr, [&](auto kernel) {
+                  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
+                  kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
+                  check_launch("modnorm backward_short_kernel");
+                });
+          }
         } else if (l.lean && a.dx_vectorized) {  // (lean layouts have no direct gradients)
           if constexpr (M != CastingMode::kGemma) {
             visit_lean_kernel<XT, M, kVec>(

@@ -290,6 +290,77 @@ def test_backward_tile_ring_against_float64(D, kind, T):
     check_case("cuda", torch.bfloat16, "llama", 0.0, kind, True, True, D=D, T=T)
 
 
+# backward_short_kernel: the common layout in rows of exactly 8, 16 or 32 16-byte vectors (teams of
+# that many lanes, four rows ahead in registers). Every dtype at each team width, with and without
+# weight and shift, llama and no casting, the modulation layouts it takes; T = 600 rows a sample
+# gives every team several rounds of four rows and a short last round. (D = 512 bf16, 64 vectors,
+# stays with the tile ring: test_backward_tile_ring_against_float64.)
+SHORT_SHAPES = [
+    (torch.bfloat16, 64),  # 8 vectors
+    (torch.bfloat16, 128),  # 16 (per-head QK norms)
+    (torch.bfloat16, 256),  # 32
+    (torch.float16, 128),
+    (torch.float32, 64),  # 16 float32 vectors
+    (torch.float32, 128),  # 32
+]
+SHORT_IDS = [f"{str(d).replace('torch.', '')}-{D}" for d, D in SHORT_SHAPES]
+
+
+@pytest.mark.parametrize("dtype,D", SHORT_SHAPES, ids=SHORT_IDS)
+@pytest.mark.parametrize("kind", ["per_sample", "chunk", "shared", "groups"])
+@pytest.mark.parametrize("weight,shift", [(True, True), (False, True), (True, False)], ids=["wsh", "sh", "ws"])
+@pytest.mark.parametrize("mode", ["llama", "none"])
+def test_backward_short_kernel(dtype, D, kind, weight, shift, mode):
+    from test_accuracy import check_case
+
+    check_case("cuda", dtype, mode, 0.0, kind, weight, shift, D=D, T=600)
+
+
+# Plain RMSNorm of short rows (per-head QK norm: weight, no modulation), the BENCH qk-norm layout:
+# dx and dweight against float64, at least as close as the eager code's, over 50,000 rows (every
+# team many rounds of four rows).
+@pytest.mark.parametrize("dtype,D", SHORT_SHAPES, ids=SHORT_IDS)
+def test_backward_short_kernel_plain_rms_norm(dtype, D):
+    rows = 50_000
+    x = torch.randn(rows, D, device="cuda").to(dtype).requires_grad_()
+    w = (1 + 0.3 * torch.randn(D, device="cuda")).to(dtype).requires_grad_()
+    dy = torch.randn(rows, D, device="cuda").to(dtype)
+    ours = torch.autograd.grad(modnorm.rms_norm(x, w, in_place=False), (x, w), dy)
+    eager = torch.autograd.grad(modulated_rms_norm_eager(x, w, None), (x, w), dy)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = torch.autograd.grad(modulated_rms_norm_eager(x64, w64, None, casting_mode="none"), (x64, w64), dy.double())
+    for name, a, e, r in zip(("dx", "dweight"), ours, eager, ref):
+        assert torch.isfinite(a).all(), name
+        err, err_eager = ((t.double() - r).norm().item() / r.norm().item() for t in (a, e))
+        assert err <= 1.10 * err_eager + 1e-6, f"{name}: modnorm {err:.3g} vs eager {err_eager:.3g}"
+
+
+@pytest.mark.parametrize(
+    "dtype,D,shift,expected",
+    [
+        (torch.bfloat16, 64, True, ", 8, 8, true>"),
+        (torch.bfloat16, 128, False, ", 8, 16, false>"),
+        (torch.bfloat16, 256, True, ", 8, 32, true>"),
+        (torch.float32, 128, True, ", 4, 32, true>"),
+        (torch.bfloat16, 512, True, None),  # 64 vectors: the tile ring
+    ],
+)
+def test_backward_short_kernel_is_the_one_that_runs(dtype, D, shift, expected):
+    # Routing: <XT, M, VEC, TPR, SHIFT> for the layouts above and no other row kernel beside it
+    # (expected None: backward_const_kernel and no short kernel).
+    x = torch.randn(2, 300, D, device="cuda", dtype=dtype, requires_grad=True)
+    s = torch.randn(2, 1, D, device="cuda", dtype=dtype, requires_grad=True)
+    h = torch.randn(2, 1, D, device="cuda", dtype=dtype, requires_grad=True) if shift else None
+    names = backward_kernel_names(x, None, s, h, "backward_")
+    short = [n for n in names if "backward_short_kernel" in n]
+    generic = [n for n in names if "backward_const_kernel" in n or "backward_reg_kernel" in n]
+    if expected is None:
+        assert generic and not short, names
+    else:
+        assert short and all(expected in n for n in short), names
+        assert not generic, names
+
+
 # The same rows read through per-row bulk copies (x and dy rows strided by D + 64 elements) give
 # bitwise the gradients of contiguous rows (one bulk copy per tile), with the same rstd, also when
 # that rstd sits 4 bytes off 16-byte alignment, and three runs agree bitwise.
