@@ -41,6 +41,18 @@ __device__ __forceinline__ void weight_factors(const float (&xhat)[VEC], float (
   }
 }
 
+// A block's partials from its sums: dweight = m * S into w_part and dscale = w * S in place
+// (backward_const_kernel's factoring; m and w are the block's constant scale and weight).
+template <int VEC>
+__device__ __forceinline__ void factor_block_sums(float (&acc_s)[VEC], const float (&w)[VEC],
+                                                  const float (&m)[VEC], float (&w_part)[VEC]) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    w_part[e] = acc_s[e] * m[e];
+    acc_s[e] *= w[e];
+  }
+}
+
 // Rows of up to 1024 vectors: blocks of up to 1024 threads, so at most 64 registers a thread.
 constexpr int kLeanMaxThreads = 1024;
 
@@ -168,16 +180,11 @@ __global__ void __launch_bounds__(kLeanMaxThreads, 1)
   }
 
   allow_dependent_launch();  // the finalize may start its blocks; it waits for these partials
-  // dweight partial = m * S, dscale partial = w * S (backward_const_kernel's factoring).
   float w_part[NV][VEC];
   {
     float w[VEC], m[VEC];
     load_w_m(w, m);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      w_part[0][e] = acc_s[0][e] * m[e];
-      acc_s[0][e] *= w[e];
-    }
+    factor_block_sums<VEC>(acc_s[0], w, m, w_part[0]);
   }
   if (p.dweight_partials != nullptr) {
     write_block_partials<NV, VEC>(w_part, p.dweight_partials, p.dim, p.dim_vecs, lane, tpr, 0, 1,

@@ -119,17 +119,12 @@ __global__ void __launch_bounds__(kShortThreads, kShortBlocksPerSm)
   }
 
   allow_dependent_launch();  // the finalize may start its blocks; it waits for these partials
-  // dweight partial = m * S, dscale partial = w * S (backward_const_kernel's factoring), each
-  // combined over the block's teams in team order.
+  // The partials, each combined over the block's teams in team order.
   float w_part[1][VEC];
   {
     float w[VEC], m[VEC];
     load_w_m(w, m);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      w_part[0][e] = acc_s[0][e] * m[e];
-      acc_s[0][e] *= w[e];
-    }
+    factor_block_sums<VEC>(acc_s[0], w, m, w_part[0]);
   }
   auto flush = [&](const float (&acc)[1][VEC], float* partials) {
     write_block_partials<1, VEC>(acc, partials, p.dim, p.dim_vecs, lane, TPR, team, TEAMS,

@@ -193,8 +193,8 @@ def test_backward_one_vector_ring_is_the_one_that_runs():
 # backward_lean_kernel (sm_90+): block-wide rows of the common layout (dx, the block's one scale
 # row, no per-row modulation gradient) whose 16-byte vectors fill whole warps, one vector on each
 # thread (96 to 1024 threads). Each block-size class in every dtype, with and without weight and
-# shift, llama and no casting, every modulation layout it takes; short sequences (a row or two a
-# block) here, long ones below.
+# shift, llama and no casting, every modulation layout it takes, against float64 and the eager
+# code; short sequences (a row or two a block) here, long ones below.
 LEAN_SHAPES = [
     (torch.bfloat16, 768),  # 96 vectors: three warps
     (torch.bfloat16, 2048),  # 256 (ltx2b)
@@ -207,15 +207,31 @@ LEAN_SHAPES = [
 ]
 LEAN_IDS = [f"{str(d).replace('torch.', '')}-{D}" for d, D in LEAN_SHAPES]
 
+# backward_short_kernel (any architecture): the same layout in rows of exactly 8, 16 or 32 16-byte
+# vectors (teams of that many lanes, four rows ahead in registers), each team width in every dtype;
+# 600 rows a sample give every team several rounds of four rows and a short last round. (D = 512
+# bf16, 64 vectors, stays with the tile ring: test_backward_tile_ring_against_float64.)
+SHORT_SHAPES = [
+    (torch.bfloat16, 64),  # 8 vectors
+    (torch.bfloat16, 128),  # 16 (per-head QK norms)
+    (torch.bfloat16, 256),  # 32
+    (torch.float16, 128),
+    (torch.float32, 64),  # 16 float32 vectors
+    (torch.float32, 128),  # 32
+]
+SHORT_IDS = [f"{str(d).replace('torch.', '')}-{D}" for d, D in SHORT_SHAPES]
+COMMON_LAYOUT_CASES = [(*shape, 75) for shape in LEAN_SHAPES] + [(*shape, 600) for shape in SHORT_SHAPES]
+COMMON_LAYOUT_IDS = [f"lean-{i}" for i in LEAN_IDS] + [f"short-{i}" for i in SHORT_IDS]
 
-@pytest.mark.parametrize("dtype,D", LEAN_SHAPES, ids=LEAN_IDS)
+
+@pytest.mark.parametrize("dtype,D,T", COMMON_LAYOUT_CASES, ids=COMMON_LAYOUT_IDS)
 @pytest.mark.parametrize("kind", ["per_sample", "chunk", "shared", "groups"])
 @pytest.mark.parametrize("weight,shift", [(True, True), (False, True), (True, False)], ids=["wsh", "sh", "ws"])
 @pytest.mark.parametrize("mode", ["llama", "none"])
-def test_backward_lean_kernel(dtype, D, kind, weight, shift, mode):
+def test_backward_common_layout_kernels(dtype, D, T, kind, weight, shift, mode):
     from test_accuracy import check_case
 
-    check_case("cuda", dtype, mode, 0.0, kind, weight, shift, D=D, T=75)
+    check_case("cuda", dtype, mode, 0.0, kind, weight, shift, D=D, T=T)
 
 
 # Long sequences: each block walks many rows, so every stage of the ring is refilled and its
@@ -229,32 +245,38 @@ def test_backward_lean_kernel_long_sequences(dtype, D, kind):
 
 
 @pytest.mark.parametrize(
-    "dtype,D,shift,expected",
+    "kernel,dtype,D,shift,expected",
     [
-        (torch.bfloat16, 2048, True, ", 8, true>"),
-        (torch.bfloat16, 2048, False, ", 8, false>"),
-        (torch.bfloat16, 4096, True, ", 8, true>"),
-        (torch.bfloat16, 3072, True, ", 8, true>"),
-        (torch.float16, 4096, True, ", 8, true>"),
-        (torch.float32, 3072, True, ", 4, true>"),
-        (torch.bfloat16, 1544, True, None),  # 193 vectors, not whole warps: the generic ring
+        ("lean", torch.bfloat16, 2048, True, ", 8, true>"),
+        ("lean", torch.bfloat16, 2048, False, ", 8, false>"),
+        ("lean", torch.bfloat16, 4096, True, ", 8, true>"),
+        ("lean", torch.bfloat16, 3072, True, ", 8, true>"),
+        ("lean", torch.float16, 4096, True, ", 8, true>"),
+        ("lean", torch.float32, 3072, True, ", 4, true>"),
+        ("lean", torch.bfloat16, 1544, True, None),  # 193 vectors, not whole warps: the generic ring
+        ("short", torch.bfloat16, 64, True, ", 8, 8, true>"),
+        ("short", torch.bfloat16, 128, False, ", 8, 16, false>"),
+        ("short", torch.bfloat16, 256, True, ", 8, 32, true>"),
+        ("short", torch.float32, 128, True, ", 4, 32, true>"),
+        ("short", torch.bfloat16, 512, True, None),  # 64 vectors: the tile ring
     ],
 )
-def test_backward_lean_kernel_is_the_one_that_runs(dtype, D, shift, expected):
-    # Routing: <XT, M, VEC, SHIFT> for the layouts above, and no generic row kernel beside it
-    # (expected None: the generic ring's backward_const_kernel and no lean kernel).
-    if torch.cuda.get_device_capability()[0] < 9:
+def test_backward_common_layout_kernel_is_the_one_that_runs(kernel, dtype, D, shift, expected):
+    # Routing: backward_lean_kernel's <XT, M, VEC, SHIFT> or backward_short_kernel's
+    # <XT, M, VEC, TPR, SHIFT> for the layouts above, and no generic row kernel beside it
+    # (expected None: backward_const_kernel and not that kernel).
+    if kernel == "lean" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("bulk-copy rings need sm_90")
     x = torch.randn(2, 300, D, device="cuda", dtype=dtype, requires_grad=True)
     s = torch.randn(2, 1, D, device="cuda", dtype=dtype, requires_grad=True)
     h = torch.randn(2, 1, D, device="cuda", dtype=dtype, requires_grad=True) if shift else None
     names = backward_kernel_names(x, None, s, h, "backward_")
-    lean = [n for n in names if "backward_lean_kernel" in n]
+    ours = [n for n in names if f"backward_{kernel}_kernel" in n]
     generic = [n for n in names if "backward_const_kernel" in n or "backward_reg_kernel" in n]
     if expected is None:
-        assert generic and not lean, names
+        assert generic and not ours, names
     else:
-        assert lean and all(expected in n for n in lean), names
+        assert ours and all(expected in n for n in ours), names
         assert not generic, names
 
 
@@ -290,32 +312,6 @@ def test_backward_tile_ring_against_float64(D, kind, T):
     check_case("cuda", torch.bfloat16, "llama", 0.0, kind, True, True, D=D, T=T)
 
 
-# backward_short_kernel: the common layout in rows of exactly 8, 16 or 32 16-byte vectors (teams of
-# that many lanes, four rows ahead in registers). Every dtype at each team width, with and without
-# weight and shift, llama and no casting, the modulation layouts it takes; T = 600 rows a sample
-# gives every team several rounds of four rows and a short last round. (D = 512 bf16, 64 vectors,
-# stays with the tile ring: test_backward_tile_ring_against_float64.)
-SHORT_SHAPES = [
-    (torch.bfloat16, 64),  # 8 vectors
-    (torch.bfloat16, 128),  # 16 (per-head QK norms)
-    (torch.bfloat16, 256),  # 32
-    (torch.float16, 128),
-    (torch.float32, 64),  # 16 float32 vectors
-    (torch.float32, 128),  # 32
-]
-SHORT_IDS = [f"{str(d).replace('torch.', '')}-{D}" for d, D in SHORT_SHAPES]
-
-
-@pytest.mark.parametrize("dtype,D", SHORT_SHAPES, ids=SHORT_IDS)
-@pytest.mark.parametrize("kind", ["per_sample", "chunk", "shared", "groups"])
-@pytest.mark.parametrize("weight,shift", [(True, True), (False, True), (True, False)], ids=["wsh", "sh", "ws"])
-@pytest.mark.parametrize("mode", ["llama", "none"])
-def test_backward_short_kernel(dtype, D, kind, weight, shift, mode):
-    from test_accuracy import check_case
-
-    check_case("cuda", dtype, mode, 0.0, kind, weight, shift, D=D, T=600)
-
-
 # Plain RMSNorm of short rows (per-head QK norm: weight, no modulation), the BENCH qk-norm layout:
 # dx and dweight against float64, at least as close as the eager code's, over 50,000 rows (every
 # team many rounds of four rows).
@@ -335,35 +331,11 @@ def test_backward_short_kernel_plain_rms_norm(dtype, D):
         assert err <= 1.10 * err_eager + 1e-6, f"{name}: modnorm {err:.3g} vs eager {err_eager:.3g}"
 
 
-@pytest.mark.parametrize(
-    "dtype,D,shift,expected",
-    [
-        (torch.bfloat16, 64, True, ", 8, 8, true>"),
-        (torch.bfloat16, 128, False, ", 8, 16, false>"),
-        (torch.bfloat16, 256, True, ", 8, 32, true>"),
-        (torch.float32, 128, True, ", 4, 32, true>"),
-        (torch.bfloat16, 512, True, None),  # 64 vectors: the tile ring
-    ],
-)
-def test_backward_short_kernel_is_the_one_that_runs(dtype, D, shift, expected):
-    # Routing: <XT, M, VEC, TPR, SHIFT> for the layouts above and no other row kernel beside it
-    # (expected None: backward_const_kernel and no short kernel).
-    x = torch.randn(2, 300, D, device="cuda", dtype=dtype, requires_grad=True)
-    s = torch.randn(2, 1, D, device="cuda", dtype=dtype, requires_grad=True)
-    h = torch.randn(2, 1, D, device="cuda", dtype=dtype, requires_grad=True) if shift else None
-    names = backward_kernel_names(x, None, s, h, "backward_")
-    short = [n for n in names if "backward_short_kernel" in n]
-    generic = [n for n in names if "backward_const_kernel" in n or "backward_reg_kernel" in n]
-    if expected is None:
-        assert generic and not short, names
-    else:
-        assert short and all(expected in n for n in short), names
-        assert not generic, names
-
-
 # The same rows read through per-row bulk copies (x and dy rows strided by D + 64 elements) give
 # bitwise the gradients of contiguous rows (one bulk copy per tile), with the same rstd, also when
-# that rstd sits 4 bytes off 16-byte alignment, and three runs agree bitwise.
+# that rstd sits 4 bytes off 16-byte alignment, and three runs agree bitwise. (D = 64 and 128 now
+# take backward_short_kernel, whose plain loads read the strided rows in place; D = 512 the tile
+# ring.)
 @pytest.mark.parametrize("D", [64, 128, 512])
 def test_backward_tile_ring_strided_rows_and_repeatable(D):
     B, T = 3, 37
