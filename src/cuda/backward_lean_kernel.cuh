@@ -41,6 +41,17 @@ __device__ __forceinline__ void weight_factors(const float (&xhat)[VEC], float (
   }
 }
 
+// w = offset + weight and m = scale_offset + scale of vector `vec` of the block's one scale row
+// (at element scale_idx): the lean and short kernels' one vector a thread, read at the start and
+// again for the partials at the end.
+template <int VEC>
+__device__ __forceinline__ void load_block_w_m(const BackwardArgs& p, int64_t scale_idx, int vec,
+                                               float (&w)[VEC], float (&m)[VEC]) {
+  const int64_t col = static_cast<int64_t>(vec) * VEC;
+  load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
+  load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
+}
+
 // A block's partials from its sums: dweight = m * S into w_part and dscale = w * S in place
 // (backward_const_kernel's factoring; m and w are the block's constant scale and weight).
 template <int VEC>
@@ -80,16 +91,10 @@ __global__ void __launch_bounds__(kLeanMaxThreads, 1)
 
   // The block's constant m * w per column, and the sums.
   const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, walk.begin) : 0;
-  // w and m of this thread's vector (read again for the partials at the end).
-  auto load_w_m = [&](float (&w)[VEC], float (&m)[VEC]) {
-    const int64_t col = static_cast<int64_t>(lane) * VEC;
-    load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
-  };
   float mw[NV][VEC], acc_s[NV][VEC], acc_h[kShift ? NV : 1][VEC];
   {
     float w[VEC], m[VEC];
-    load_w_m(w, m);
+    load_block_w_m<VEC>(p, scale_idx, lane, w, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       mw[0][e] = m[e] * w[e];
@@ -183,7 +188,7 @@ __global__ void __launch_bounds__(kLeanMaxThreads, 1)
   float w_part[NV][VEC];
   {
     float w[VEC], m[VEC];
-    load_w_m(w, m);
+    load_block_w_m<VEC>(p, scale_idx, lane, w, m);
     factor_block_sums<VEC>(acc_s[0], w, m, w_part[0]);
   }
   if (p.dweight_partials != nullptr) {

@@ -43,15 +43,10 @@ __global__ void __launch_bounds__(kShortThreads, kShortBlocksPerSm)
   const RowWalk walk = block_row_walk<TEAMS>(p.rows, p.group_rows, p.blocks_per_group,
                                              p.rows_per_block, p.interleave != 0);
   const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, walk.begin) : 0;
-  auto load_w_m = [&](float (&w)[VEC], float (&m)[VEC]) {
-    const int64_t col = static_cast<int64_t>(lane) * VEC;
-    load_factor<VEC>(p.weight, p.weight_dtype, p.offset, col, w);
-    load_factor<VEC>(p.scale, p.scale_dtype, p.scale_offset, scale_idx + col, m);
-  };
   float mw[VEC], acc_s[1][VEC], acc_h[1][VEC];  // (acc_h unused without kShift)
   {
     float w[VEC], m[VEC];
-    load_w_m(w, m);
+    load_block_w_m<VEC>(p, scale_idx, lane, w, m);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       mw[e] = m[e] * w[e];
@@ -123,7 +118,7 @@ __global__ void __launch_bounds__(kShortThreads, kShortBlocksPerSm)
   float w_part[1][VEC];
   {
     float w[VEC], m[VEC];
-    load_w_m(w, m);
+    load_block_w_m<VEC>(p, scale_idx, lane, w, m);
     factor_block_sums<VEC>(acc_s[0], w, m, w_part[0]);
   }
   auto flush = [&](const float (&acc)[1][VEC], float* partials) {

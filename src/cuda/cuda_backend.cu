@@ -265,11 +265,31 @@ struct BackwardImpl {
         l.const_mod = true;
         l.reg_path = true;
       };
-      // Short rows (warp teams) take a tile ring on sm_90+: TEAMS consecutive rows and their rstd
-      // a stage (qk-norm backward 72 -> 77% of its floor on H100, performance log, session 8).
       if constexpr (M != CastingMode::kGemma) {
-        if (const_candidate && !token_ring && allow_ring && forced != "const" && !force_pipe &&
-            dv <= 64 && info.cc_major >= 9) {
+        // The common layout (dx, no per-row modulation gradient) in rows of exactly 8, 16 or 32
+        // vectors takes backward_short_kernel: four rows ahead in registers and no barrier per
+        // tile (H200 qk-norm backward 56.5 -> 52.1 us against the tile ring below; two rows ahead
+        // at four blocks an SM 55.3, eight at one 55.0; performance log, session 14).
+        // MODNORM_BWD_SHORT=0 keeps the tile ring (or, before sm_90, backward_const_kernel's warp
+        // teams).
+        static const bool short_off = env_switch("MODNORM_BWD_SHORT") == "0";
+        if (const_candidate && allow_ring && forced != "const" && !force_pipe && !short_off &&
+            short_fits(dv) && bp.need_dx && l.dscale != GradRoute::kDirect &&
+            l.dshift != GradRoute::kDirect) {
+          visit_short_kernel<XT, M, kVec>(dv, bp.need_dshift, [&](auto short_kernel) {
+            kernel = reinterpret_cast<const void*>(short_kernel);
+          });
+          l.threads = cuda_detail::kShortThreads;
+          l.teams = cuda_detail::kShortThreads / dv;
+          l.reg_smem = size_t(l.teams) * p.dim * sizeof(float);  // the team partials at the end
+          l.const_mod = true;
+          l.reg_path = true;
+          l.short_rows = true;
+        } else if (const_candidate && !token_ring && allow_ring && forced != "const" &&
+                   !force_pipe && dv <= 64 && info.cc_major >= 9) {
+          // Other short rows (warp teams) take a tile ring on sm_90+: TEAMS consecutive rows and
+          // their rstd a stage (qk-norm backward 72 -> 77% of its floor on H100, performance log,
+          // session 8).
           visit_backward_config<kVec>(dv, [&](auto config) {
             using C = decltype(config);
             if constexpr (C::kTeams > 1) {
@@ -283,28 +303,6 @@ struct BackwardImpl {
               take_ring(ring_kernel, C::kThreads, C::kTeams, stage_bytes, 32 * 1024, false);
             }
           });
-        }
-        // The common layout (dx, no per-row modulation gradient) in rows of exactly 8, 16 or 32
-        // vectors takes backward_short_kernel instead: four rows ahead in registers and no
-        // barrier per tile (H200 qk-norm backward 56.5 -> 52.1 us; two rows ahead at four blocks
-        // an SM 55.3, eight at one 55.0; performance log, session 14). MODNORM_BWD_SHORT=0 keeps
-        // the tile ring (or, before sm_90, backward_const_kernel's warp teams).
-        static const bool short_off = env_switch("MODNORM_BWD_SHORT") == "0";
-        if (const_candidate && !stage_m && allow_ring && forced != "const" && !force_pipe &&
-            !short_off &&
-            short_fits(dv) && bp.need_dx && l.dscale != GradRoute::kDirect &&
-            l.dshift != GradRoute::kDirect) {
-          visit_short_kernel<XT, M, kVec>(dv, bp.need_dshift, [&](auto short_kernel) {
-            kernel = reinterpret_cast<const void*>(short_kernel);
-          });
-          l.threads = cuda_detail::kShortThreads;
-          l.teams = cuda_detail::kShortThreads / dv;
-          l.reg_smem = size_t(l.teams) * p.dim * sizeof(float);  // the team partials at the end
-          l.ring_stages = 0;
-          l.token = false;
-          l.const_mod = true;
-          l.reg_path = true;
-          l.short_rows = true;
         }
         // The common layout (dx, no per-row modulation gradient) takes backward_lean_kernel
         // where its blocks own a row exactly; MODNORM_BWD_LEAN=0 keeps the generic ring.
