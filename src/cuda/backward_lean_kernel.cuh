@@ -89,8 +89,21 @@ __global__ void __launch_bounds__(kLeanMaxThreads, 1)
   const unsigned row_bytes = static_cast<unsigned>(p.dim_vecs) * 16u;
   const unsigned stage_bytes = 2u * row_bytes;
 
+  // Thread 0 fills a stage with row k of the walk: the x row, then the dy row. The first stages
+  // are asked for before anything else, so the block's first DRAM reads do not wait on its
+  // scale row's mapping and loads below.
+  auto issue = [&](int slot, int k) {
+    stage_x_dy_row<XT>(p, lean_ring + slot * stage_bytes, &ring_full[slot],
+                       walk.begin + static_cast<int64_t>(k) * walk.step, row_bytes, stage_bytes);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(&ring_full[s], 1);
+    fence_mbar_init();
+    for (int s = 0; s < stages && s < rows; ++s) issue(s, s);
+  }
+
   // The block's constant m * w per column, and the sums.
-  const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, walk.begin) : 0;
+  const int64_t scale_idx = p.scale != nullptr ? map_offset<false>(p.scale_map, walk.begin) : 0;
   float mw[NV][VEC], acc_s[NV][VEC], acc_h[kShift ? NV : 1][VEC];
   {
     float w[VEC], m[VEC];
@@ -103,16 +116,6 @@ __global__ void __launch_bounds__(kLeanMaxThreads, 1)
     }
   }
 
-  // Thread 0 fills a stage with row k of the walk: the x row, then the dy row.
-  auto issue = [&](int slot, int k) {
-    stage_x_dy_row<XT>(p, lean_ring + slot * stage_bytes, &ring_full[slot],
-                       walk.begin + static_cast<int64_t>(k) * walk.step, row_bytes, stage_bytes);
-  };
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s) mbar_init(&ring_full[s], 1);
-    fence_mbar_init();
-    for (int s = 0; s < stages && s < rows; ++s) issue(s, s);
-  }
   // rstd one row ahead; this thread's dx vector, advanced a row at a time.
   const float* rstd_ptr = p.rstd + walk.begin;
   const int64_t rstd_step = walk.step;

@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kShortThreads, kShortBlocksPerSm)
 
   const RowWalk walk = block_row_walk<TEAMS>(p.rows, p.group_rows, p.blocks_per_group,
                                              p.rows_per_block, p.interleave != 0);
-  const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, walk.begin) : 0;
+  const int64_t scale_idx = p.scale != nullptr ? map_offset<false>(p.scale_map, walk.begin) : 0;
   float mw[VEC], acc_s[1][VEC], acc_h[1][VEC];  // (acc_h unused without kShift)
   {
     float w[VEC], m[VEC];

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../fast_divmod.h"
 #include "modnorm/modnorm.h"
 
 namespace modnorm::cuda_detail {
@@ -251,12 +252,26 @@ struct DevMap {
   int64_t distinct_rows = 1;
   int64_t block_stride = 0;       // element offset per block of rows_per_distinct rows
   int64_t block_grad_stride = 0;  // gradient row per block of rows_per_distinct rows
+  // Multipliers for the divisions below (host-made, to_dev_map): size[i] and rows_per_distinct.
+  FastDivisor size_div[kMaxDims];
+  FastDivisor block_div;
 };
 
-// q = a / b, r = a % b for non-negative a, positive b; 32-bit division when both fit (the
-// common case; 64-bit division is a long subroutine and runs once per row per thread).
-__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
-  if (((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32) == 0) {
+// q = a / b, r = a % b for non-negative a, positive b. kFast: a multiply and a shift where the
+// host made b's multiplier and a < 2^31 (the common case; fast_divmod.h). Else a 32-bit division
+// when both fit, else 64-bit (a long subroutine).
+// The maps run once per row per thread in the one-row kernels: those take kFast (wan14b backward
+// 261 -> 255 us, ltx13b forward 60.5 -> 60.1). Kernels that map once per block keep the division:
+// it costs them nothing, and the extra code moved the lean kernel's loop (ltx13b backward 95.1 ->
+// 96.3 us; performance log, session 15).
+template <bool kFast>
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, const FastDivisor& fb, int64_t& q,
+                                       int64_t& r) {
+  if (kFast && fb.usable() && FastDivisor::fits(a)) {
+    const uint32_t q32 = fb.quotient(static_cast<uint32_t>(a));
+    q = q32;
+    r = static_cast<int64_t>(static_cast<uint32_t>(a) - q32 * fb.divisor);
+  } else if (((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32) == 0) {
     const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
     q = q32;
     r = static_cast<int64_t>(static_cast<uint32_t>(a) - q32 * static_cast<uint32_t>(b));
@@ -266,15 +281,16 @@ __device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t
   }
 }
 
+template <bool kFast = true>
 __device__ __forceinline__ int64_t map_offset(const DevMap& m, int64_t row) {
   int64_t q, r;
   if (m.blocked) {
-    divmod(row, m.rows_per_distinct, q, r);
+    divmod<kFast>(row, m.rows_per_distinct, m.block_div, q, r);
     return q * m.block_stride;
   }
   int64_t off = 0;
   for (int i = m.ndim - 1; i >= 0; --i) {
-    divmod(row, m.size[i], q, r);
+    divmod<kFast>(row, m.size[i], m.size_div[i], q, r);
     row = q;
     off += r * m.stride[i];
   }
@@ -284,12 +300,12 @@ __device__ __forceinline__ int64_t map_offset(const DevMap& m, int64_t row) {
 __device__ __forceinline__ int64_t map_grad_row(const DevMap& m, int64_t row) {
   int64_t q, r;
   if (m.blocked) {
-    divmod(row, m.rows_per_distinct, q, r);
+    divmod<true>(row, m.rows_per_distinct, m.block_div, q, r);
     return q * m.block_grad_stride;
   }
   int64_t g = 0;
   for (int i = m.ndim - 1; i >= 0; --i) {
-    divmod(row, m.size[i], q, r);
+    divmod<true>(row, m.size[i], m.size_div[i], q, r);
     row = q;
     g += r * m.grad_stride[i];
   }

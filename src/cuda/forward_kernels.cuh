@@ -340,8 +340,8 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
 
   float wm[NV][VEC], h[SHIFT ? NV : 1][VEC];
   {
-    const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row_begin) : 0;
-    const int64_t shift_idx = SHIFT ? map_offset(p.shift_map, row_begin) : 0;
+    const int64_t scale_idx = p.scale != nullptr ? map_offset<false>(p.scale_map, row_begin) : 0;
+    const int64_t shift_idx = SHIFT ? map_offset<false>(p.shift_map, row_begin) : 0;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int64_t col = static_cast<int64_t>(lane + i * TPR) * VEC;

@@ -42,8 +42,10 @@ inline DevMap to_dev_map(const RowMap& m) {
     d.size[i] = m.size[i];
     d.stride[i] = m.stride[i];
     d.grad_stride[i] = m.grad_stride[i];
+    d.size_div[i] = FastDivisor::make(m.size[i]);
   }
   d.rows_per_distinct = m.rows_per_distinct > 0 ? m.rows_per_distinct : 1;
+  d.block_div = FastDivisor::make(d.rows_per_distinct);
   d.distinct_rows = m.distinct_rows;
   d.blocked = m.blocked ? 1 : 0;
   d.block_stride = m.block_stride;

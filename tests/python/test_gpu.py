@@ -110,6 +110,20 @@ def test_forward_row_tiles(D, T, kind, mod_dtype, weight_shift):
     check_case("cuda", torch.bfloat16, "llama", 0.0, kind, weight_shift, weight_shift, mod_dtype=mod_dtype, D=D, T=T)
 
 
+# The row maps' divisions by run-time sizes (a multiply and a shift with host-made multipliers,
+# src/fast_divmod.h) on sizes that are not powers of two: 74 tokens a sample, 37 frames of two
+# tokens, (T, D) rows shared over the batch, groups of 74 rows. Each D takes another family of
+# kernels that maps rows one at a time: the row tile and tile ring (256), the row block and
+# the lean ring (2048), the const forward and pipe backward with float32 modulation (5120).
+@pytest.mark.parametrize("D", [256, 2048, 5120])
+@pytest.mark.parametrize("kind", ["per_sample", "token_shared", "per_frame", "groups"])
+@pytest.mark.parametrize("mod_dtype", [None, torch.float32], ids=["mod_x_dtype", "mod_fp32"])
+def test_row_maps_with_odd_divisors(D, kind, mod_dtype):
+    from test_accuracy import check_case
+
+    check_case("cuda", torch.bfloat16, "llama", 0.0, kind, True, True, mod_dtype=mod_dtype, D=D, T=74)
+
+
 # backward_const_kernel (rows of a block share one scale row; llama and none casting) and the
 # register kernel it stands in for (gemma), on rows long enough for block-wide teams.
 @pytest.mark.parametrize("mode,offset", [("llama", 0.0), ("gemma", 1.0), ("none", 0.0)])
