@@ -260,10 +260,10 @@ struct DevMap {
 // q = a / b, r = a % b for non-negative a, positive b. kFast: a multiply and a shift where the
 // host made b's multiplier and a < 2^31 (the common case; fast_divmod.h). Else a 32-bit division
 // when both fit, else 64-bit (a long subroutine).
-// The maps run once per row per thread in the one-row kernels: those take kFast (wan14b backward
-// 261 -> 255 us, ltx13b forward 60.5 -> 60.1). Kernels that map once per block keep the division:
-// it costs them nothing, and the extra code moved the lean kernel's loop (ltx13b backward 95.1 ->
-// 96.3 us; performance log, session 15).
+// The one-row kernels map once per row per thread and take kFast (two 32-bit divisions a row were
+// ~70 instructions a warp; the forward gained under 1%: it is not instruction-bound). Kernels that
+// map once per block keep the division: it costs them nothing, and the extra code alone moved the
+// lean kernel's times both ways (wan14b backward -6 us, ltx13b +1 us; performance log, session 15).
 template <bool kFast>
 __device__ __forceinline__ void divmod(int64_t a, int64_t b, const FastDivisor& fb, int64_t& q,
                                        int64_t& r) {
