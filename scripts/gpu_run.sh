@@ -27,6 +27,13 @@ if want tests; then
   python3 -m pytest -q -m gpu -p no:cacheprovider ${MODNORM_PYTEST_ARGS:-} > "$OUT/pytest-gpu.log" 2>&1
   echo "gpu tests rc=$? ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/pytest-gpu.log")"
   grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest-gpu.log" | head -20
+  # The C++ API's own GPU tests, where GoogleTest was found for the build.
+  if [[ -x "$ROOT/build/gpu/modnorm_cuda_tests" ]]; then
+    "$ROOT/build/gpu/modnorm_cuda_tests" --gtest_brief=1 > "$OUT/cuda-api-tests.log" 2>&1
+    echo "C++ CUDA API tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED)' "$OUT/cuda-api-tests.log" | tr '\n' ' ')"
+  else
+    echo "C++ CUDA API tests: not built here (no GoogleTest); build them with CMake where it is"
+  fi
 fi
 if want sanitize; then
   SUBSET='test_accuracy.py::test_odd_sizes or test_accuracy.py::test_large_d or (test_matches_float64 and bfloat16 and llama and weight and shift and (per_sample or chunk or token_shared or per_token)) or test_repeated_backward or test_misaligned or (test_forward_row_tiles and weight_shift and (2048 or 3072)) or test_backward_long_rows_every_mode or test_backward_tile_ring or (test_forward_row_block_operand_sets and bfloat16 and (wsh or none)) or (test_forward_row_tile_operand_sets and bfloat16 and (wsh or none))'
