@@ -140,22 +140,43 @@ void* stream_for(const at::Tensor& t) {
   return current_cuda_stream(t);
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const OptTensor& weight,
-                                       const OptTensor& scale, const OptTensor& shift, double eps,
-                                       double offset, double scale_offset,
-                                       c10::string_view casting_mode) {
+// y, and rstd when `with_rstd` (else an undefined tensor: nothing allocated or written).
+std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& x, const OptTensor& weight,
+                                                   const OptTensor& scale, const OptTensor& shift,
+                                                   double eps, double offset, double scale_offset,
+                                                   c10::string_view casting_mode, bool with_rstd) {
   Inputs in = plan_inputs(x, weight, scale, shift, eps, offset, scale_offset, casting_mode);
   const c10::DeviceGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  at::Tensor rstd;
   poison(y);
-  poison(rstd);
+  if (with_rstd) {
+    rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+    poison(rstd);
+  }
   try {
-    modnorm::forward(in.plan, y.data_ptr(), rstd.data_ptr<float>(), stream_for(x));
+    modnorm::forward(in.plan, y.data_ptr(), with_rstd ? rstd.data_ptr<float>() : nullptr,
+                     stream_for(x));
   } catch (const modnorm::Error& e) {
     rethrow(e);
   }
   return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const OptTensor& weight,
+                                       const OptTensor& scale, const OptTensor& shift, double eps,
+                                       double offset, double scale_offset,
+                                       c10::string_view casting_mode) {
+  return forward_outputs(x, weight, scale, shift, eps, offset, scale_offset, casting_mode, true);
+}
+
+// The forward of a call that records no graph (inference, no_grad): y alone, no rstd to
+// allocate or write.
+at::Tensor fwd_y(const at::Tensor& x, const OptTensor& weight, const OptTensor& scale,
+                 const OptTensor& shift, double eps, double offset, double scale_offset,
+                 c10::string_view casting_mode) {
+  return std::get<0>(
+      forward_outputs(x, weight, scale, shift, eps, offset, scale_offset, casting_mode, false));
 }
 
 // Shared by bwd and bwd_inplace: dx is written to `dx` (which may be dy itself).
@@ -325,9 +346,9 @@ at::Tensor modulated_rms_norm_plain(const at::Tensor& x, const OptTensor& weight
                                     double offset, double scale_offset,
                                     c10::string_view casting_mode, bool /*in_place*/) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("modnorm::fwd", "")
-                       .typed<decltype(fwd)>();
-  return std::get<0>(op.call(x, weight, scale, shift, eps, offset, scale_offset, casting_mode));
+                       .findSchemaOrThrow("modnorm::fwd_y", "")
+                       .typed<decltype(fwd_y)>();
+  return op.call(x, weight, scale, shift, eps, offset, scale_offset, casting_mode);
 }
 
 // Whether a call records an autograd node: grad mode on and some input requiring grad, or a
@@ -375,6 +396,9 @@ TORCH_LIBRARY(modnorm, m) {
       "fwd(Tensor x, Tensor? weight, Tensor? scale, Tensor? shift, float eps, float offset, "
       "float scale_offset, str casting_mode) -> (Tensor, Tensor)");
   m.def(
+      "fwd_y(Tensor x, Tensor? weight, Tensor? scale, Tensor? shift, float eps, float offset, "
+      "float scale_offset, str casting_mode) -> Tensor");
+  m.def(
       "bwd(Tensor dy, Tensor x, Tensor rstd, Tensor? weight, Tensor? scale, Tensor? shift, "
       "float offset, float scale_offset, str casting_mode, bool[4] grad_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
@@ -387,12 +411,14 @@ TORCH_LIBRARY(modnorm, m) {
 
 TORCH_LIBRARY_IMPL(modnorm, CPU, m) {
   m.impl("fwd", &modnorm_torch::fwd);
+  m.impl("fwd_y", &modnorm_torch::fwd_y);
   m.impl("bwd", &modnorm_torch::bwd);
   m.impl("bwd_inplace", &modnorm_torch::bwd_inplace);
 }
 
 TORCH_LIBRARY_IMPL(modnorm, CUDA, m) {
   m.impl("fwd", &modnorm_torch::fwd);
+  m.impl("fwd_y", &modnorm_torch::fwd_y);
   m.impl("bwd", &modnorm_torch::bwd);
   m.impl("bwd_inplace", &modnorm_torch::bwd_inplace);
 }

@@ -145,7 +145,8 @@ ForwardPlan plan_forward(const TensorRef& x, const TensorRef* weight, const Tens
 // is contiguous, i.e. plan_forward accepts its layout without a copy.
 bool rows_are_uniform(const TensorRef& t);
 
-// Writes y (contiguous rows x dim, x's dtype) and rstd (rows floats).
+// Writes y (contiguous rows x dim, x's dtype) and rstd (rows floats, what the backward reads).
+// rstd may be nullptr where no backward follows (inference): it is then not written.
 // `stream` is a cudaStream_t for CUDA plans and ignored on the CPU.
 void forward(const ForwardPlan& plan, void* y, float* rstd, void* stream = nullptr);
 

@@ -25,6 +25,11 @@ def _fwd_fake(x, weight, scale, shift, eps, offset, scale_offset, casting_mode):
     return y, rstd
 
 
+@torch.library.register_fake("modnorm::fwd_y")
+def _fwd_y_fake(x, weight, scale, shift, eps, offset, scale_offset, casting_mode):
+    return _fwd_fake(x, weight, scale, shift, eps, offset, scale_offset, casting_mode)[0]
+
+
 def _grad_like(t, want, x):
     return t.new_empty(t.shape) if (want and t is not None) else x.new_empty((0,))
 

@@ -236,7 +236,7 @@ struct ForwardJob {
       for (int64_t r = r0; r < r1; ++r) {
         load_row<T>(advance(p.x, p.x_dtype, r * p.x_row_stride), s.x.data(), D);
         const float rs = 1.f / std::sqrt(sum_of_squares(s.x.data(), D) * inv_d + p.eps);
-        job.rstd[r] = rs;
+        if (job.rstd != nullptr) job.rstd[r] = rs;
         modulation_rows(p, r, s);
         const float* __restrict xv = s.x.data();
         const float* __restrict w = job.w;

@@ -21,7 +21,7 @@ namespace modnorm::cuda_detail {
 struct ForwardArgs {
   const void* x = nullptr;
   void* y = nullptr;
-  float* rstd = nullptr;
+  float* rstd = nullptr;  // nullptr: not written (a forward without backward)
   int64_t rows = 0;
   int64_t x_row_stride = 0;  // elements
   int dim = 0;
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV
     ss = team_sum<TPR>(ss, red);
     if (!active) continue;
     const float rstd = 1.f / sqrtf(ss * p.inv_dim + p.eps);
-    if (lane == 0) p.rstd[row] = rstd;
+    if (lane == 0 && p.rstd != nullptr) p.rstd[row] = rstd;
     if (prefetch) cp_async_wait<0>();
     void* yrow = elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim));
 #pragma unroll
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, 4>
     ss = team_sum<TPR>(ss, red);
     if (!active) continue;
     const float rstd = 1.f / sqrtf(ss * p.inv_dim + p.eps);
-    if (lane == 0) p.rstd[row] = rstd;
+    if (lane == 0 && p.rstd != nullptr) p.rstd[row] = rstd;
     const int64_t scale_idx = p.scale != nullptr ? map_offset(p.scale_map, row) : 0;
     const int64_t shift_idx = p.shift != nullptr ? map_offset(p.shift_map, row) : 0;
     void* yrow = elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim));
@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
     parity ^= 1;
     if (!active) continue;
     const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
-    if (lane == 0) p.rstd[row] = rstd;
+    if (lane == 0 && p.rstd != nullptr) p.rstd[row] = rstd;
     char* yrow = y_lane + row * y_row_bytes;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
@@ -501,7 +501,7 @@ __global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
   // One row per block: red is never reused, so team_sum_rt's single barrier is all it needs.
   const float sum = team_sum_rt<THREADS>(sum_squares_held<XT, VEC, NV>(xr), red);
   const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
-  if (t == 0) p.rstd[row] = rstd;
+  if (t == 0 && p.rstd != nullptr) p.rstd[row] = rstd;
   Raw* yrow = reinterpret_cast<Raw*>(elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim)));
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
@@ -558,7 +558,7 @@ __global__ void __launch_bounds__(kRowTileThreads)
   const float sum = team_sum_rt<TPR>(sum_squares_held<XT, VEC, NV>(xr), nullptr);
   if (!active) return;
   const float rstd = rsqrtf(sum * p.inv_dim + p.eps);
-  if (lane == 0) p.rstd[row] = rstd;
+  if (lane == 0 && p.rstd != nullptr) p.rstd[row] = rstd;
   Raw* yrow = reinterpret_cast<Raw*>(elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim)));
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
@@ -661,7 +661,7 @@ __global__ void __launch_bounds__(kRowsBlockThreads, rows_min_blocks(PRE))
     ss = team_sum<TPR>(ss, nullptr);
     if (!active) continue;
     const float rstd = 1.f / sqrtf(ss * p.inv_dim + p.eps);
-    if (lane == 0) p.rstd[row] = rstd;
+    if (lane == 0 && p.rstd != nullptr) p.rstd[row] = rstd;
     void* yrow = elem_ptr<XT>(p.y, row * static_cast<int64_t>(p.dim));
 #pragma unroll
     for (int i = 0; i < NV; ++i) {

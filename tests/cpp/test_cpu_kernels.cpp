@@ -203,6 +203,23 @@ TEST(CpuKernels, NanAndInfPropagateLikeEager) {
   for (int64_t j = 0; j < D; ++j) EXPECT_TRUE(std::isfinite(y.get(2 * D + j)));
 }
 
+TEST(CpuKernels, ForwardWithoutRstd) {
+  // rstd = nullptr (no backward to follow): y is bitwise the same, nothing else written.
+  for (Kind k : {Kind::kPerSample, Kind::kPerToken, Kind::kChunk}) {
+    Case c;
+    c.kind = k;
+    c.xt = c.wt = c.st = c.ht = DType::kBFloat16;
+    c.D = 300;
+    Problem p(c);
+    Outputs with = p.poisoned_outputs(), without = p.poisoned_outputs();
+    forward(p.fwd, with.y.data(), with.rstd.data());
+    forward(p.fwd, without.y.data(), nullptr);
+    EXPECT_TRUE(bitwise_equal(with.y, without.y)) << describe(c);
+  }
+  Problem p(Case{});
+  EXPECT_THROW(forward(p.fwd, nullptr, nullptr), Error);  // y is required
+}
+
 TEST(CpuKernels, RowsWithAStride) {
   // x is a (rows, D) slice of a (rows, 2D) buffer: read in place.
   const int64_t rows = 5, D = 16;

@@ -287,6 +287,28 @@ TEST(CudaApi, RepeatableOnAnyStream) {
   check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");
 }
 
+// rstd = nullptr (no backward to follow): every forward kernel gives bitwise the y of the forward
+// that writes rstd, and writes nothing else.
+TEST(CudaApi, ForwardWithoutRstd) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t D : {64, 128, 127, 1152, 2048, 5120, 40000}) {
+    for (Kind k : {Kind::kPerSample, Kind::kPerToken}) {
+      Case c = bf16_case(D, k, D > 10000 ? 20 : 300);
+      Problem p(c);
+      DeviceProblem d(p);
+      const Outputs with = d.run();
+      const Outputs poison = p.poisoned_outputs();
+      auto y = to_device(poison.y);
+      forward(d.fwd, y->data(), nullptr);
+      check_cuda(cudaDeviceSynchronize(), "synchronize");
+      Buffer y_only = poison.y;
+      y->download(y_only.data());
+      EXPECT_TRUE(bitwise_equal(with.y, y_only)) << describe(c);
+      EXPECT_TRUE(y->guards_intact()) << describe(c);
+    }
+  }
+}
+
 // Refused arguments throw before anything is written: the outputs keep their poison.
 TEST(CudaApi, NothingWrittenOnError) {
   SKIP_WITHOUT_GPU();

@@ -114,6 +114,8 @@ def test_opcheck(device):
     xd, wd, sd, hd = (t.detach() for t in (x, w, s, h))
     y, rstd = torch.ops.modnorm.fwd(xd, wd, sd, hd, 1e-6, 0.0, 1.0, "llama")
     torch.library.opcheck(torch.ops.modnorm.fwd.default, (xd, wd, sd, hd, 1e-6, 0.0, 1.0, "llama"))
+    torch.library.opcheck(torch.ops.modnorm.fwd_y.default, (xd, wd, sd, hd, 1e-6, 0.0, 1.0, "llama"))
+    assert torch.equal(torch.ops.modnorm.fwd_y(xd, wd, sd, hd, 1e-6, 0.0, 1.0, "llama"), y)
     dy = torch.randn_like(xd)
     for mask in ([True, True, True, True], [False, True, False, True], [True, False, True, False]):
         torch.library.opcheck(torch.ops.modnorm.bwd.default, (dy, xd, rstd, wd, sd, hd, 0.0, 1.0, "llama", mask))

@@ -58,6 +58,28 @@ def test_misaligned_and_strided(D, dtype):
         torch.testing.assert_close(a.cpu(), b, **tol)
 
 
+# The forward of a call without a graph (fwd_y: no rstd allocated or written) gives bitwise the y
+# of the forward that writes rstd, on every forward kernel: row tile, const, row block, register
+# and loop rows, odd D, float32 modulation.
+@pytest.mark.parametrize("D", [64, 128, 1152, 2048, 5120, 6000, 40000, 1001])
+@pytest.mark.parametrize("kind", ["per_sample", "per_token", "none"])
+@pytest.mark.parametrize("mod_dtype", [None, torch.float32], ids=["mod_x_dtype", "mod_fp32"])
+def test_forward_without_rstd_matches(D, kind, mod_dtype):
+    B, T = 2, 40 if D > 10000 else 300
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(D, device="cuda")).to(torch.bfloat16)
+    shape = {"per_sample": (B, 1, D), "per_token": (B, T, D)}.get(kind)
+    s = h = None
+    if shape is not None:
+        s, h = ((0.3 * torch.randn(*shape, device="cuda")).to(mod_dtype or torch.bfloat16) for _ in range(2))
+    y, rstd = torch.ops.modnorm.fwd(x, w, s, h, 1e-6, 0.0, 1.0, "llama")
+    y_only = torch.ops.modnorm.fwd_y(x, w, s, h, 1e-6, 0.0, 1.0, "llama")
+    assert torch.equal(y_only, y)
+    with torch.no_grad():
+        assert torch.equal(modnorm.modulated_rms_norm(x, w, s, h), y)
+    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6))
+
+
 @pytest.mark.parametrize("kind", ["per_sample", "per_token", "token_shared"])
 def test_gpu_and_cpu_agree(kind):
     B, T, D = 2, 300, 3072
