@@ -2,6 +2,7 @@
 //
 //   modnorm::modulated_rms_norm  the public op (autograd kernel below; works under torch.compile)
 //   modnorm::fwd                 y, rstd
+//   modnorm::fwd_y               y alone (calls that record no graph: no rstd allocated or written)
 //   modnorm::bwd                 dx, dweight, dscale, dshift into fresh buffers
 //   modnorm::bwd_inplace         the same with dx written over dy (declared as a mutation)
 //
