@@ -417,6 +417,16 @@ __device__ __forceinline__ ModRaw<MT, VEC> load_mod_vector(const void* row, int 
   return r;
 }
 
+// The same with an L2 eviction policy on every 16-byte part (load_streamed).
+template <DType MT, int VEC>
+__device__ __forceinline__ ModRaw<MT, VEC> load_mod_vector(const void* row, int v, uint64_t policy) {
+  using R = ModRaw<MT, VEC>;
+  const auto* src = static_cast<const typename R::Part*>(row) + static_cast<int64_t>(v) * R::kParts;
+  R r;
+#pragma unroll
+  for (int k = 0; k < R::kParts; ++k) r.part[k] = load_streamed(src + k, policy);
+  return r;
+}
 template <DType MT, int VEC>
 __device__ __forceinline__ void unpack_mod(const ModRaw<MT, VEC>& r, float* f) {
   using R = ModRaw<MT, VEC>;
@@ -462,6 +472,10 @@ __device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, 
 // software pipeline: on H100 this shape (Liger's) beat forward_const_kernel's persistent blocks
 // with constants in registers by 2-9 points on every case it serves (performance log, session 7).
 // W / S / H: weight, scale, shift present; MT: the scale's and shift's dtype (x's, or float32).
+// L2 policies: x evict-first (read once), scale and shift evict-last. Under the benchmark's
+// method (L2 full of the flush's dirty lines) the evict-last modulation loads took ltx13b 64.4
+// -> 62.4 us, ltx2b-t2v 31.9 -> 31.0, ltx2b-i2v 53.5 -> 52.5, dit-xl 9.3 -> 8.7, the rest level
+// (H200, performance log, session 17).
 // Three vectors a thread: one block per SM guaranteed, no more. Left alone, ptxas held flux's
 // variant (weight, scale, shift) to 64 registers and spilled; with 80 and no spill flux ran 37.0
 // -> 35.0 us, mochi and wan-token unchanged (H200, performance log, session 10).
@@ -477,6 +491,7 @@ __global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
   const int t = threadIdx.x;
   const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
   const uint64_t evict_first = l2_evict_first_policy();
+  const uint64_t evict_last = l2_evict_last_policy();
   Raw xr[NV], wr[W ? NV : 1];
   Mod sr[S ? NV : 1], hr[H ? NV : 1];
 #pragma unroll
@@ -494,8 +509,8 @@ __global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
     const int v = t + i * THREADS;
     if (v < p.dim_vecs) {
       if constexpr (W) wr[i] = __ldg(wrow + v);
-      if constexpr (S) sr[i] = load_mod_vector<MT, VEC>(srow, v);
-      if constexpr (H) hr[i] = load_mod_vector<MT, VEC>(hrow, v);
+      if constexpr (S) sr[i] = load_mod_vector<MT, VEC>(srow, v, evict_last);
+      if constexpr (H) hr[i] = load_mod_vector<MT, VEC>(hrow, v, evict_last);
     }
   }
   // One row per block: red is never reused, so team_sum_rt's single barrier is all it needs.
