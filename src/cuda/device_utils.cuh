@@ -562,23 +562,28 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
 #endif
 }
 
-// Loads of a stream read once (x in the forward), marked first to leave L2. After the
-// benchmark's L2 flush, and in a model after the previous layer, L2 is full of dirty lines; x's
-// clean lines then go before them and fewer dirty lines are written back while the kernel runs
-// (forward +0-2 points on H100, performance log, session 7). 16-byte vectors; others load plainly.
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+// L2 eviction priorities for load_streamed (createpolicy + L2::cache_hint).
+//   kFirst: a stream read once (x in the forward). After the benchmark's L2 flush, and in a model
+//     after the previous layer, L2 is full of dirty lines; x's clean lines then go before them
+//     and fewer dirty lines are written back while the kernel runs (forward +0-2 points on H100,
+//     performance log, session 7).
+//   kLast: small rows that many rows of the grid read again (per-sample / per-frame scale and
+//     shift rows). Never for a large set: evict-last lines outlive later kernels' normal traffic,
+//     and after 100 MB of per-token rows loaded evict-last a following kernel re-reading 32-44 MB
+//     ran 15-20% slower (H200, performance log, session 18).
+//   kNormal: what a plain load does, as a policy value.
+enum class L2Evict { kFirst, kNormal, kLast };
+template <L2Evict P>
+__device__ __forceinline__ uint64_t l2_policy() {
   uint64_t pol = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-#endif
-  return pol;
-}
-// Loads of rows that many rows of the grid read again (the scale and shift rows), marked last to
-// leave L2. Measured with the benchmark's dirty L2 flush (performance log, session 17).
-__device__ __forceinline__ uint64_t l2_evict_last_policy() {
-  uint64_t pol = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+  if constexpr (P == L2Evict::kFirst) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  } else if constexpr (P == L2Evict::kLast) {
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
+  }
 #endif
   return pol;
 }

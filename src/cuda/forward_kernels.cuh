@@ -43,6 +43,8 @@ struct ForwardArgs {
   // else its own run [sub * rows_per_block, + rows_per_block), clipped to the group.
   int64_t group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   int interleave = 0;  // block_row_walk: blocks of a group take turns row by row
+  // forward_row_block_kernel: scale and shift rows loaded evict-last (else with no hint).
+  int mod_evict_last = 0;
   // Byte offsets of the cached weight / scale / shift rows in dynamic shared memory (-1: none).
   int cache_w = -1, cache_s = -1, cache_h = -1;
   // forward_reg_kernel: byte offsets of per-token scale / shift vectors in each team's
@@ -322,7 +324,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, 
   const int64_t x_row_bytes = p.x_row_stride * elem_bytes<XT>();
   const int64_t y_row_bytes = static_cast<int64_t>(p.dim) * elem_bytes<XT>();
   // Vectors past the row's end are never loaded and stay zero: they add nothing to the sum.
-  const uint64_t evict_first = l2_evict_first_policy();
+  const uint64_t evict_first = l2_policy<L2Evict::kFirst>();
   auto load_row = [&](int64_t row, Raw (&dst)[NV]) {
     const char* src = x_lane + row * x_row_bytes;
 #pragma unroll
@@ -472,10 +474,10 @@ __device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, 
 // software pipeline: on H100 this shape (Liger's) beat forward_const_kernel's persistent blocks
 // with constants in registers by 2-9 points on every case it serves (performance log, session 7).
 // W / S / H: weight, scale, shift present; MT: the scale's and shift's dtype (x's, or float32).
-// L2 policies: x evict-first (read once), scale and shift evict-last. Under the benchmark's
-// method (L2 full of the flush's dirty lines) the evict-last modulation loads took ltx13b 64.4
-// -> 62.4 us, ltx2b-t2v 31.9 -> 31.0, ltx2b-i2v 53.5 -> 52.5, dit-xl 9.3 -> 8.7, the rest level
-// (H200, performance log, session 17).
+// L2 policies: x evict-first (read once); scale and shift evict-last where the host sets
+// mod_evict_last (rows read by several x rows, a small set), else normal. Per-token rows loaded
+// evict-last made ltx2b-i2v 1 us faster, but left dead lines that cost the next kernel more
+// (l2_policy; performance log, sessions 17 and 18).
 // Three vectors a thread: one block per SM guaranteed, no more. Left alone, ptxas held flux's
 // variant (weight, scale, shift) to 64 registers and spilled; with 80 and no spill flux ran 37.0
 // -> 35.0 us, mochi and wan-token unchanged (H200, performance log, session 10).
@@ -490,8 +492,9 @@ __global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
   const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
-  const uint64_t evict_first = l2_evict_first_policy();
-  const uint64_t evict_last = l2_evict_last_policy();
+  const uint64_t evict_first = l2_policy<L2Evict::kFirst>();
+  const uint64_t mod_policy =
+      p.mod_evict_last ? l2_policy<L2Evict::kLast>() : l2_policy<L2Evict::kNormal>();
   Raw xr[NV], wr[W ? NV : 1];
   Mod sr[S ? NV : 1], hr[H ? NV : 1];
 #pragma unroll
@@ -509,8 +512,8 @@ __global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
     const int v = t + i * THREADS;
     if (v < p.dim_vecs) {
       if constexpr (W) wr[i] = __ldg(wrow + v);
-      if constexpr (S) sr[i] = load_mod_vector<MT, VEC>(srow, v, evict_last);
-      if constexpr (H) hr[i] = load_mod_vector<MT, VEC>(hrow, v, evict_last);
+      if constexpr (S) sr[i] = load_mod_vector<MT, VEC>(srow, v, mod_policy);
+      if constexpr (H) hr[i] = load_mod_vector<MT, VEC>(hrow, v, mod_policy);
     }
   }
   // One row per block: red is never reused, so team_sum_rt's single barrier is all it needs.
@@ -546,7 +549,7 @@ __global__ void __launch_bounds__(kRowTileThreads)
   const int lane = threadIdx.x % TPR;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / TPR;
   const bool active = row < p.rows;
-  const uint64_t evict_first = l2_evict_first_policy();
+  const uint64_t evict_first = l2_policy<L2Evict::kFirst>();
   Raw xr[NV], wr[W ? NV : 1];
   ModRaw<XT, VEC> sr[S ? NV : 1], hr[H ? NV : 1];
   const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));

@@ -87,6 +87,22 @@ int64_t modulation_run(const ForwardPlan& p) {
   return run;
 }
 
+// Whether forward_row_block_kernel loads scale and shift rows evict-last: each present one is
+// read by several x rows, and together they are a small set. Per-token rows (read once) loaded
+// evict-last made ltx2b-i2v's forward 1 us faster but left dead lines in L2 that slowed the next
+// kernel more (l2_policy; performance log, session 18).
+constexpr int64_t kModEvictLastMaxBytes = int64_t(4) << 20;
+bool modulation_evict_last(const ForwardPlan& p) {
+  int64_t bytes = 0;
+  for (const auto* op : {&p.scale, &p.shift}) {
+    if (!op->present()) continue;
+    const RowMap& m = op == &p.scale ? p.scale_map : p.shift_map;
+    if (m.rows_per_distinct < 2) return false;
+    bytes += m.distinct_rows * p.dim * int64_t(dtype_size(op->dtype));
+  }
+  return bytes <= kModEvictLastMaxBytes;
+}
+
 template <DType XT, CastingMode M>
 struct ForwardImpl {
   // Per-token modulation in x's dtype, loaded into registers with x (short rows only).
@@ -204,6 +220,7 @@ struct ForwardImpl {
                                              XT, M, VEC, kNV, THREADS, wc.value, sc.value, hc.value, MT>);
       }
     });
+    a.mod_evict_last = modulation_evict_last(p) ? 1 : 0;
     return launch_rows_grid(kernel, p.rows, THREADS, a, stream, "modnorm forward_row_block_kernel");
   }
 
