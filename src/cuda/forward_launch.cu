@@ -90,7 +90,9 @@ int64_t modulation_run(const ForwardPlan& p) {
 // Whether forward_row_block_kernel loads scale and shift rows evict-last: each present one is
 // read by several x rows, and together they are a small set. Per-token rows (read once) loaded
 // evict-last made ltx2b-i2v's forward 1 us faster but left dead lines in L2 that slowed the next
-// kernel more (l2_policy; performance log, session 18).
+// kernel more (l2_policy). For the small sets the gain inside the kernel is 0-0.3 us; under the
+// benchmark's zero flush they also stay in L2 from one timed call to the next, which a model,
+// where each call reads its own rows, never sees (performance log, session 18).
 constexpr int64_t kModEvictLastMaxBytes = int64_t(4) << 20;
 bool modulation_evict_last(const ForwardPlan& p) {
   int64_t bytes = 0;
