@@ -569,8 +569,8 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
 //     performance log, session 7).
 //   kLast: small rows that many rows of the grid read again (per-sample / per-frame scale and
 //     shift rows). Never for a large set: evict-last lines outlive later kernels' normal traffic,
-//     and after 100 MB of per-token rows loaded evict-last a following kernel re-reading 32-44 MB
-//     ran 15-20% slower (H200, performance log, session 18).
+//     and after 100 MB of per-token rows loaded evict-last a following kernel re-reading 44 MB
+//     ran 18-27% slower (H200, performance log, session 18).
 //   kNormal: what a plain load does, as a policy value.
 enum class L2Evict { kFirst, kNormal, kLast };
 template <L2Evict P>

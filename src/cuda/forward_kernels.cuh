@@ -43,7 +43,7 @@ struct ForwardArgs {
   // else its own run [sub * rows_per_block, + rows_per_block), clipped to the group.
   int64_t group_rows = 0, blocks_per_group = 1, rows_per_block = 0;
   int interleave = 0;  // block_row_walk: blocks of a group take turns row by row
-  // forward_row_block_kernel: scale and shift rows loaded evict-last (else with no hint).
+  // forward_row_block_kernel: scale and shift rows loaded evict-last (else the normal policy).
   int mod_evict_last = 0;
   // Byte offsets of the cached weight / scale / shift rows in dynamic shared memory (-1: none).
   int cache_w = -1, cache_s = -1, cache_h = -1;
