@@ -239,6 +239,7 @@ __device__ __forceinline__ void store_dx(const BackwardArgs& p, const float* xf,
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS>
 __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>())
     backward_reg_kernel(const __grid_constant__ BackwardArgs p) {
+  wait_for_prior_grid();  // launched programmatically on sm_90+ (launch_row_pass)
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[32];
@@ -362,6 +363,7 @@ template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool RIN
           bool TOKEN = false>
 __global__ void __launch_bounds__(TPR* TEAMS, backward_const_min_blocks<TPR * TEAMS>())
     backward_const_kernel(const __grid_constant__ BackwardArgs p) {
+  wait_for_prior_grid();  // launched programmatically on sm_90+ (launch_row_pass)
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   static_assert(M != CastingMode::kGemma, "gemma's dscale does not factor");
   static_assert(!TOKEN || (RING && TEAMS == 1), "per-token scale rows come through the ring");
@@ -689,6 +691,7 @@ __device__ __forceinline__ void pipe_weight(const BackwardArgs& p, const char* c
 template <DType XT, CastingMode M, int VEC, int NV, int TPR>
 __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ? 1 : 2)
     backward_pipe_kernel(const __grid_constant__ BackwardArgs p) {
+  wait_for_prior_grid();  // launched programmatically on sm_90+ (launch_row_pass)
   using Raw = XRaw<XT, VEC>;
   static_assert(sizeof(Raw) == 16, "the pipe kernel stages 16-byte vectors");
   __shared__ float red[2][32];

@@ -79,6 +79,9 @@ __global__ void __launch_bounds__(kLeanMaxThreads, 1)
   const int tpr = static_cast<int>(blockDim.x);  // = dim_vecs (host-checked)
   const int lane = static_cast<int>(threadIdx.x);
   const int warps = tpr >> 5;
+  // Launched programmatically (sm_90+), the block may start while the kernel before drains:
+  // nothing is read or written before that kernel is done.
+  wait_for_prior_grid();
 
   const RowWalk walk = block_row_walk<1>(p.rows, p.group_rows, p.blocks_per_group,
                                          p.rows_per_block, p.interleave != 0);

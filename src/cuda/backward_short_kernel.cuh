@@ -39,6 +39,7 @@ __global__ void __launch_bounds__(kShortThreads, kShortBlocksPerSm)
   extern __shared__ __align__(16) float team_partials[];  // [TEAMS][dim], at the end
   const int team = static_cast<int>(threadIdx.x) / TPR;
   const int lane = static_cast<int>(threadIdx.x) % TPR;  // = this thread's vector (dim_vecs == TPR)
+  wait_for_prior_grid();  // (programmatic launch: see backward_lean_kernel)
 
   const RowWalk walk = block_row_walk<TEAMS>(p.rows, p.group_rows, p.blocks_per_group,
                                              p.rows_per_block, p.interleave != 0);

@@ -96,6 +96,14 @@ void visit_lean_kernel(bool shift, F&& f) {
   shift ? f(cuda_detail::backward_lean_kernel<XT, M, VEC, true>)
         : f(cuda_detail::backward_lean_kernel<XT, M, VEC, false>);
 }
+// Whether the backward's kernels that wait for the one before them in the kernel
+// (wait_for_prior_grid: the common-layout row kernels, the finalize) launch programmatically:
+// sm_90+, unless MODNORM_PDL=0 (comparisons).
+bool programmatic_launches(int device) {
+  static const bool off = env_switch("MODNORM_PDL") == "0";
+  return !off && device_info(device).cc_major >= 9;
+}
+
 // Row traffic (x, dy, dx) below which a backward pass is latency-bound (~8 us at full bandwidth).
 constexpr int64_t kLatencyBoundBytes = 32ll << 20;
 
@@ -486,6 +494,31 @@ struct BackwardImpl {
     return l;
   }
 
+  // Launches a row kernel of the backward (the lean, short, const, pipe or register kernel),
+  // programmatically on sm_90+: its blocks are placed and run their prologue while the kernel before it (the forward, in a
+  // training step) drains, and wait in the kernel (wait_for_prior_grid) before touching memory.
+  // H100, the forward and backward ops back to back, plain / programmatic (performance log,
+  // session 19): ltx2b-t2v 102.2-103.1 / 100.0-100.8 us, ltx13b 203.0-204.0 / 200.8-201.6,
+  // mochi 472.7-473.3 / 470.0-470.9, wan14b 578.7-579.9 / 576.1-577.4, qk-norm 110.5-111.8 /
+  // 109.5-110.3, flux level; the backward alone (after do_bench's flush) level.
+  template <typename Kernel>
+  static void launch_row_pass(Kernel kernel, const BackwardArgs& a, const BackwardLayout& l,
+                              int threads, int device, cudaStream_t stream, const char* what) {
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(l.blocks));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = l.reg_smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = programmatic_launches(device) ? 1 : 0;
+    cuda_detail::check_cuda(cudaLaunchKernelEx(&config, kernel, a), what);
+    check_launch(what);
+  }
+
   static void launch_column(const BackwardPlan& bp, const BackwardLayout& l, const ColumnPlan& c,
                             const RowMap* reduce_map, float* w_part, float* s_part,
                             float* h_part, const float* rstd, cudaStream_t stream) {
@@ -543,8 +576,7 @@ struct BackwardImpl {
       throw Error(Error::Kind::kValue, "modnorm CUDA backend: gradient too large to reduce");
     }
     // Launched programmatically (sm_90+): its blocks start while the row pass drains, and wait
-    // in the kernel for the partials. MODNORM_PDL=0 launches it plainly (comparisons).
-    static const bool pdl = env_switch("MODNORM_PDL") != "0";
+    // in the kernel for the partials.
     // finalize_kernel's 16-lane shape where the grid has a block for every SM (see the kernel).
     const bool narrow = grid >= device_info(device).sm_count;
     cudaLaunchConfig_t config = {};
@@ -556,7 +588,7 @@ struct BackwardImpl {
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attribute;
-    config.numAttrs = pdl && device_info(device).cc_major >= 9 ? 1 : 0;
+    config.numAttrs = programmatic_launches(device) ? 1 : 0;
     using cuda_detail::finalize_kernel;
     const cudaError_t launched = narrow ? cudaLaunchKernelEx(&config, finalize_kernel<16, 8>, f)
                                         : cudaLaunchKernelEx(&config, finalize_kernel<32, 4>, f);
@@ -637,17 +669,14 @@ struct BackwardImpl {
           visit_backward_pipe(a.dim_vecs, [&](auto shape) {
             using S = decltype(shape);
             auto kernel = cuda_detail::backward_pipe_kernel<XT, M, kVec, S::kNV, S::kTPR>;
-            allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
-            kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
-            check_launch("modnorm backward_pipe_kernel");
+            launch_row_pass(kernel, a, l, l.threads, device, stream, "modnorm backward_pipe_kernel");
           });
         } else if (l.short_rows && a.dx_vectorized) {  // (no direct gradients either)
           if constexpr (M != CastingMode::kGemma) {
             visit_short_kernel<XT, M, kVec>(
                 a.dim_vecs, a.dshift_partials != nullptr, [&](auto kernel) {
-                  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
-                  kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
-                  check_launch("modnorm backward_short_kernel");
+                  launch_row_pass(kernel, a, l, l.threads, device, stream,
+                                  "modnorm backward_short_kernel");
                 });
           }
         } else if (l.lean && a.dx_vectorized) {  // (lean layouts have no direct gradients)
@@ -655,9 +684,8 @@ struct BackwardImpl {
             visit_lean_kernel<XT, M, kVec>(
                 a.dshift_partials != nullptr, [&](auto kernel) {
                   a.ring_stages = l.ring_stages;
-                  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
-                  kernel<<<static_cast<unsigned>(l.blocks), l.threads, l.reg_smem, stream>>>(a);
-                  check_launch("modnorm backward_lean_kernel");
+                  launch_row_pass(kernel, a, l, l.threads, device, stream,
+                                  "modnorm backward_lean_kernel");
                 });
           }
         } else if (l.ring_stages > 0) {
@@ -673,9 +701,8 @@ struct BackwardImpl {
                 }
               }
               a.ring_stages = l.ring_stages;
-              allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
-              kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
-              check_launch("modnorm backward_const_kernel");
+              launch_row_pass(kernel, a, l, C::kThreads, device, stream,
+                              "modnorm backward_const_kernel");
             }, l.token);
           }
         } else {
@@ -685,14 +712,14 @@ struct BackwardImpl {
               if (l.const_mod) {
                 auto kernel =
                     cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
-                kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
-                check_launch("modnorm backward_const_kernel");
+                launch_row_pass(kernel, a, l, C::kThreads, device, stream,
+                                "modnorm backward_const_kernel");
                 return;
               }
             }
             auto kernel = cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
-            kernel<<<static_cast<unsigned>(l.blocks), C::kThreads, l.reg_smem, stream>>>(a);
-            check_launch("modnorm backward_reg_kernel");
+            launch_row_pass(kernel, a, l, C::kThreads, device, stream,
+                            "modnorm backward_reg_kernel");
           });
         }
       }

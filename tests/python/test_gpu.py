@@ -318,6 +318,58 @@ def test_backward_common_layout_kernel_is_the_one_that_runs(kernel, dtype, D, sh
         assert not generic, names
 
 
+# The backward's row kernels launch programmatically on sm_90+ (their blocks may start while the
+# kernel before them drains) and must not read their inputs before that kernel is done: each
+# round's x and dy are written by the kernels right before the backward (copies into the buffers
+# it reads), and its gradients must be bitwise those of the same inputs in their own tensors.
+# Each row kernel: lean, short, the const kernel's one-vector ring and its per-token ring, the pipe
+# kernel (per-token rows of 32 vectors), the register kernel (gemma casting).
+@pytest.mark.parametrize(
+    "D,T,kind,mode,mod_dtype,kernel",
+    [
+        (2048, 1500, "per_sample", "llama", None, "lean"),
+        (4096, 800, "per_sample", "llama", None, "lean"),
+        (128, 30000, "per_sample", "llama", None, "short"),
+        (1544, 1000, "per_sample", "llama", None, "const"),
+        (2048, 1000, "per_token", "llama", None, "const"),
+        (256, 3000, "per_token", "llama", None, "pipe"),
+        (2048, 1000, "per_sample", "gemma", None, "reg"),
+    ],
+    ids=["lean-2048", "lean-4096", "short-128", "const-ring-1544", "const-token-2048", "pipe-256", "reg-gemma-2048"],
+)
+def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, mod_dtype, kernel):
+    if kernel in ("lean", "const") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("bulk-copy rings need sm_90")
+    B = 2
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    offset = 1.0 if mode == "gemma" else 0.0
+    w = 0.2 * torch.randn(D, **bf) + (0.0 if mode == "gemma" else 1.0)
+    mod_shape = (B, 1, D) if kind == "per_sample" else (B, T, D)
+    s, h = ((0.3 * torch.randn(mod_shape, device="cuda")).to(mod_dtype or torch.bfloat16) for _ in range(2))
+    xs = [torch.randn(B, T, D, **bf) for _ in range(3)]
+    dys = [torch.randn(B, T, D, **bf) for _ in range(3)]
+    mask = [True, True, True, True]
+    ops = torch.ops.modnorm
+    rstds = [ops.fwd(x, w, s, h, 1e-6, offset, 1.0, mode)[1] for x in xs]
+    expected = [ops.bwd(dy, x, r, w, s, h, offset, 1.0, mode, mask) for dy, x, r in zip(dys, xs, rstds)]
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ops.bwd(dys[0], xs[0], rstds[0], w, s, h, offset, 1.0, mode, mask)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "backward_" in e.name]
+    assert any(f"backward_{kernel}_kernel" in n for n in names), names
+    x_buf, dy_buf = torch.empty_like(xs[0]), torch.empty_like(dys[0])
+    for _ in range(4):
+        for i in range(3):
+            x_buf.copy_(xs[i])
+            dy_buf.copy_(dys[i])  # the kernel right before the backward's
+            got = ops.bwd(dy_buf, x_buf, rstds[i], w, s, h, offset, 1.0, mode, mask)
+            for a, b in zip(got, expected[i]):
+                assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kind", ["per_sample", "shared", "none"])
 def test_backward_long_rows_bitwise_repeatable(kind):
     B, T, D = 2, 1000, 3072
