@@ -104,6 +104,22 @@ bool programmatic_launches(int device) {
   return !off && device_info(device).cc_major >= 9;
 }
 
+// A launch configuration for cudaLaunchKernelEx, programmatic where programmatic_launches allows;
+// `attribute` is the caller's storage for its one attribute (it must outlive the launch call).
+cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream,
+                                 int device, cudaLaunchAttribute& attribute) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = dynamic_smem;
+  config.stream = stream;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic_launches(device) ? 1 : 0;
+  return config;
+}
+
 // Row traffic (x, dy, dx) below which a backward pass is latency-bound (~8 us at full bandwidth).
 constexpr int64_t kLatencyBoundBytes = 32ll << 20;
 
@@ -505,16 +521,10 @@ struct BackwardImpl {
   static void launch_row_pass(Kernel kernel, const BackwardArgs& a, const BackwardLayout& l,
                               int threads, int device, cudaStream_t stream, const char* what) {
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(l.blocks));
-    config.blockDim = dim3(static_cast<unsigned>(threads));
-    config.dynamicSmemBytes = l.reg_smem;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = programmatic_launches(device) ? 1 : 0;
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config =
+        launch_config(dim3(static_cast<unsigned>(l.blocks)), dim3(static_cast<unsigned>(threads)),
+                      l.reg_smem, stream, device, attribute);
     cuda_detail::check_cuda(cudaLaunchKernelEx(&config, kernel, a), what);
     check_launch(what);
   }
@@ -579,16 +589,11 @@ struct BackwardImpl {
     // in the kernel for the partials.
     // finalize_kernel's 16-lane shape where the grid has a block for every SM (see the kernel).
     const bool narrow = grid >= device_info(device).sm_count;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(grid));
-    config.blockDim = dim3(cuda_detail::kFinalizeCols * (narrow ? 16 : 32));
-    config.dynamicSmemBytes = 0;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attribute;
-    config.numAttrs = programmatic_launches(device) ? 1 : 0;
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config =
+        launch_config(dim3(static_cast<unsigned>(grid)),
+                      dim3(cuda_detail::kFinalizeCols * (narrow ? 16 : 32)), 0, stream, device,
+                      attribute);
     using cuda_detail::finalize_kernel;
     const cudaError_t launched = narrow ? cudaLaunchKernelEx(&config, finalize_kernel<16, 8>, f)
                                         : cudaLaunchKernelEx(&config, finalize_kernel<32, 4>, f);
