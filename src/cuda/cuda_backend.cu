@@ -96,9 +96,9 @@ void visit_lean_kernel(bool shift, F&& f) {
   shift ? f(cuda_detail::backward_lean_kernel<XT, M, VEC, true>)
         : f(cuda_detail::backward_lean_kernel<XT, M, VEC, false>);
 }
-// Whether the backward's kernels that wait for the one before them in the kernel
-// (wait_for_prior_grid: the common-layout row kernels, the finalize) launch programmatically:
-// sm_90+, unless MODNORM_PDL=0 (comparisons).
+// Whether the backward's kernels that wait in the kernel for the one before them
+// (wait_for_prior_grid: the row kernels but the loop kernel, and the finalize) launch
+// programmatically: sm_90+, unless MODNORM_PDL=0 (comparisons).
 bool programmatic_launches(int device) {
   static const bool off = env_switch("MODNORM_PDL") == "0";
   return !off && device_info(device).cc_major >= 9;
@@ -511,8 +511,9 @@ struct BackwardImpl {
   }
 
   // Launches a row kernel of the backward (the lean, short, const, pipe or register kernel),
-  // programmatically on sm_90+: its blocks are placed and run their prologue while the kernel before it (the forward, in a
-  // training step) drains, and wait in the kernel (wait_for_prior_grid) before touching memory.
+  // programmatically on sm_90+: its blocks are placed and start while the kernel before it (the
+  // forward, in a training step) drains, and wait in the kernel (wait_for_prior_grid) before
+  // touching memory.
   // H100, the forward and backward ops back to back, plain / programmatic (performance log,
   // session 19): ltx2b-t2v 102.2-103.1 / 100.0-100.8 us, ltx13b 203.0-204.0 / 200.8-201.6,
   // mochi 472.7-473.3 / 470.0-470.9, wan14b 578.7-579.9 / 576.1-577.4, qk-norm 110.5-111.8 /

@@ -325,19 +325,19 @@ def test_backward_common_layout_kernel_is_the_one_that_runs(kernel, dtype, D, sh
 # Each row kernel: lean, short, the const kernel's one-vector ring and its per-token ring, the pipe
 # kernel (per-token rows of 32 vectors), the register kernel (gemma casting).
 @pytest.mark.parametrize(
-    "D,T,kind,mode,mod_dtype,kernel",
+    "D,T,kind,mode,kernel",
     [
-        (2048, 1500, "per_sample", "llama", None, "lean"),
-        (4096, 800, "per_sample", "llama", None, "lean"),
-        (128, 30000, "per_sample", "llama", None, "short"),
-        (1544, 1000, "per_sample", "llama", None, "const"),
-        (2048, 1000, "per_token", "llama", None, "const"),
-        (256, 3000, "per_token", "llama", None, "pipe"),
-        (2048, 1000, "per_sample", "gemma", None, "reg"),
+        (2048, 1500, "per_sample", "llama", "lean"),
+        (4096, 800, "per_sample", "llama", "lean"),
+        (128, 30000, "per_sample", "llama", "short"),
+        (1544, 1000, "per_sample", "llama", "const"),
+        (2048, 1000, "per_token", "llama", "const"),
+        (256, 3000, "per_token", "llama", "pipe"),
+        (2048, 1000, "per_sample", "gemma", "reg"),
     ],
     ids=["lean-2048", "lean-4096", "short-128", "const-ring-1544", "const-token-2048", "pipe-256", "reg-gemma-2048"],
 )
-def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, mod_dtype, kernel):
+def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, kernel):
     if kernel in ("lean", "const") and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("bulk-copy rings need sm_90")
     B = 2
@@ -345,7 +345,7 @@ def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, mod_dty
     offset = 1.0 if mode == "gemma" else 0.0
     w = 0.2 * torch.randn(D, **bf) + (0.0 if mode == "gemma" else 1.0)
     mod_shape = (B, 1, D) if kind == "per_sample" else (B, T, D)
-    s, h = ((0.3 * torch.randn(mod_shape, device="cuda")).to(mod_dtype or torch.bfloat16) for _ in range(2))
+    s, h = (0.3 * torch.randn(mod_shape, **bf) for _ in range(2))
     xs = [torch.randn(B, T, D, **bf) for _ in range(3)]
     dys = [torch.randn(B, T, D, **bf) for _ in range(3)]
     mask = [True, True, True, True]
