@@ -526,8 +526,7 @@ struct BackwardImpl {
     const cudaLaunchConfig_t config =
         launch_config(dim3(static_cast<unsigned>(l.blocks)), dim3(static_cast<unsigned>(threads)),
                       l.reg_smem, stream, device, attribute);
-    cuda_detail::check_cuda(cudaLaunchKernelEx(&config, kernel, a), what);
-    check_launch(what);
+    cuda_detail::check_launched(cudaLaunchKernelEx(&config, kernel, a), what);
   }
 
   static void launch_column(const BackwardPlan& bp, const BackwardLayout& l, const ColumnPlan& c,
@@ -598,7 +597,7 @@ struct BackwardImpl {
     using cuda_detail::finalize_kernel;
     const cudaError_t launched = narrow ? cudaLaunchKernelEx(&config, finalize_kernel<16, 8>, f)
                                         : cudaLaunchKernelEx(&config, finalize_kernel<32, 4>, f);
-    cuda_detail::check_cuda(launched, "modnorm finalize_kernel launch");
+    cuda_detail::check_launched(launched, "modnorm finalize_kernel launch");
   }
 
   static void run(const BackwardPlan& bp, const float* rstd, const Gradients& grads,

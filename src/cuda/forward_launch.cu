@@ -165,10 +165,9 @@ struct ForwardImpl {
     a.tile_rows = tile_rows;
     allow_dynamic_smem(kernel, size_t(smem));
     void* args[] = {&a};
-    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                             dim3(C::kThreads), args, size_t(smem), stream),
-                            "modnorm forward_rows_kernel");
-    check_launch("modnorm forward_rows_kernel");
+    cuda_detail::check_launched(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                                 dim3(C::kThreads), args, size_t(smem), stream),
+                                "modnorm forward_rows_kernel");
   }
 
   // Whether `op` is absent or of `dtype` (the row kernels load operands as raw vectors).
@@ -200,10 +199,9 @@ struct ForwardImpl {
                                cudaStream_t stream, const char* name) {
     if (kernel == nullptr || grid > INT_MAX) return false;
     void* args[] = {&a};
-    cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                             dim3(threads), args, 0, stream),
-                            name);
-    check_launch(name);
+    cuda_detail::check_launched(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                                 dim3(threads), args, 0, stream),
+                                name);
     return true;
   }
 
@@ -330,10 +328,9 @@ struct ForwardImpl {
         const int64_t grid = groups * blocks_per_group;
         if (grid > INT_MAX) return;  // the register kernel strides instead
         void* args[] = {&a};
-        cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                                 dim3(C::kThreads), args, 0, stream),
-                                "modnorm forward_const_kernel");
-        check_launch("modnorm forward_const_kernel");
+        cuda_detail::check_launched(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                                     dim3(C::kThreads), args, 0, stream),
+                                    "modnorm forward_const_kernel");
         launched = true;
       });
       return launched;

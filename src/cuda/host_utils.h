@@ -28,6 +28,14 @@ inline void check_launch(const char* kernel_name) {
   check_cuda(cudaGetLastError(), kernel_name);
 }
 
+// The result of a cudaLaunchKernel / cudaLaunchKernelEx call: a failed launch also leaves its error
+// in the thread's last-error slot, which check_launch reads and clears before it is reported, so
+// the next launch's check does not see it again.
+inline void check_launched(cudaError_t launched, const char* kernel_name) {
+  check_launch(kernel_name);
+  check_cuda(launched, kernel_name);
+}
+
 // Makes the plan's device current for the calls in scope and restores the previous one.
 class DeviceGuard {
  public:

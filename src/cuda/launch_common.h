@@ -136,10 +136,9 @@ void launch_loop_kernel(const void* kernel, Args& a, int threads, int teams, siz
   const int64_t grid = std::min<int64_t>(ceil_div(rows, teams), int64_t(info.sm_count) * occupancy);
   allow_dynamic_smem(kernel, smem);
   void* args[] = {&a};
-  cuda_detail::check_cuda(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(threads),
-                                           args, smem, stream),
-                          name);
-  check_launch(name);
+  cuda_detail::check_launched(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
+                                               dim3(threads), args, smem, stream),
+                              name);
 }
 
 template <template <DType, CastingMode> class Impl, typename F>
