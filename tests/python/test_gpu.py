@@ -367,7 +367,7 @@ def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, kernel)
     for _ in range(4):
         for i in range(3):
             x_buf.copy_(xs[i])
-            dy_buf.copy_(dys[i])  # the kernel right before the backward's
+            dy_buf.copy_(dys[i])  # written right before the backward reads it
             got = ops.bwd(dy_buf, x_buf, rstds[i], w, s, h, offset, 1.0, mode, mask)
             for a, b in zip(got, expected[i]):
                 assert torch.equal(a, b)
