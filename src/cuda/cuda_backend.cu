@@ -96,30 +96,6 @@ void visit_lean_kernel(bool shift, F&& f) {
   shift ? f(cuda_detail::backward_lean_kernel<XT, M, VEC, true>)
         : f(cuda_detail::backward_lean_kernel<XT, M, VEC, false>);
 }
-// Whether the backward's kernels that wait in the kernel for the one before them
-// (wait_for_prior_grid: the row kernels but the loop kernel, and the finalize) launch
-// programmatically: sm_90+, unless MODNORM_PDL=0 (comparisons).
-bool programmatic_launches(int device) {
-  static const bool off = env_switch("MODNORM_PDL") == "0";
-  return !off && device_info(device).cc_major >= 9;
-}
-
-// A launch configuration for cudaLaunchKernelEx, programmatic where programmatic_launches allows;
-// `attribute` is the caller's storage for its one attribute (it must outlive the launch call).
-cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream,
-                                 int device, cudaLaunchAttribute& attribute) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = dynamic_smem;
-  config.stream = stream;
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = programmatic_launches(device) ? 1 : 0;
-  return config;
-}
-
 // Row traffic (x, dy, dx) below which a backward pass is latency-bound (~8 us at full bandwidth).
 constexpr int64_t kLatencyBoundBytes = 32ll << 20;
 
@@ -511,9 +487,8 @@ struct BackwardImpl {
   }
 
   // Launches a row kernel of the backward (the lean, short, const, pipe or register kernel),
-  // programmatically on sm_90+: its blocks are placed and start while the kernel before it (the
-  // forward, in a training step) drains, and wait in the kernel (wait_for_prior_grid) before
-  // touching memory.
+  // programmatically on sm_90+ (launch_config): its blocks are placed and start while the kernel
+  // before it (the forward, in a training step) drains.
   // H100, the forward and backward ops back to back, plain / programmatic (performance log,
   // session 19): ltx2b-t2v 102.2-103.1 / 100.0-100.8 us, ltx13b 203.0-204.0 / 200.8-201.6,
   // mochi 472.7-473.3 / 470.0-470.9, wan14b 578.7-579.9 / 576.1-577.4, qk-norm 110.5-111.8 /
@@ -553,10 +528,14 @@ struct BackwardImpl {
       if (col_tiles > 65535 || c.units > INT_MAX) {
         throw Error(Error::Kind::kValue, "modnorm CUDA backend: reduction grid too large");
       }
-      const dim3 grid(static_cast<unsigned>(c.units), static_cast<unsigned>(col_tiles));
-      cuda_detail::column_grad_kernel<XT, M, VEC>
-          <<<grid, cuda_detail::kColumnLanes * cuda_detail::kColumnRowLanes, 0, stream>>>(a);
-      check_launch("modnorm column_grad_kernel");
+      cudaLaunchAttribute attribute;
+      const cudaLaunchConfig_t config = launch_config(
+          dim3(static_cast<unsigned>(c.units), static_cast<unsigned>(col_tiles)),
+          dim3(cuda_detail::kColumnLanes * cuda_detail::kColumnRowLanes), 0, stream,
+          p.device.index, attribute);
+      cuda_detail::check_launched(
+          cudaLaunchKernelEx(&config, cuda_detail::column_grad_kernel<XT, M, VEC>, a),
+          "modnorm column_grad_kernel");
     };
     if (l.vectorized) {
       go(std::integral_constant<int, kVec>{});

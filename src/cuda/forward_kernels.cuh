@@ -45,12 +45,25 @@ struct ForwardArgs {
   int interleave = 0;  // block_row_walk: blocks of a group take turns row by row
   // forward_row_block_kernel: scale and shift rows loaded evict-last (else the normal policy).
   int mod_evict_last = 0;
+  // begin_forward: release the next launch as soon as each block starts (MODNORM_PDL=early).
+  int release_early = 0;
   // Byte offsets of the cached weight / scale / shift rows in dynamic shared memory (-1: none).
   int cache_w = -1, cache_s = -1, cache_h = -1;
   // forward_reg_kernel: byte offsets of per-token scale / shift vectors in each team's
   // prefetch slots of pre_slot_bytes (-1: read through L1 after the row sum).
   int pre_s = -1, pre_h = -1, pre_slot_bytes = 0;
 };
+
+// Every forward kernel's first statement. Launched programmatically on sm_90+ (launch_kernel), a
+// kernel waits for the one before it in the stream to finish before it touches memory. With
+// release_early (MODNORM_PDL=early) it also lets the next programmatic launch place its blocks at
+// once, while this grid still runs: that widens the window a missing wait in the next kernel
+// would leave (the tests use it), but measured slower in a forward and backward back to back
+// (H100: ltx2b-t2v +5 us, wan14b +6; performance log, session 20), so it is off by default.
+__device__ __forceinline__ void begin_forward(const ForwardArgs& p) {
+  wait_for_prior_grid();
+  if (p.release_early) allow_dependent_launch();
+}
 
 // A multiplicative factor of VEC columns: offset + operand, or 1 when the operand is absent
 // (w = offset + weight, m = scale_offset + scale). The shift, h, is load_shift (0 when absent).
@@ -160,6 +173,7 @@ __device__ __forceinline__ void prefetch_operand(char* slots, int slot_off, cons
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool PRE>
 __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV, PRE>())
     forward_reg_kernel(const __grid_constant__ ForwardArgs p) {
+  begin_forward(p);
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[32];
@@ -206,6 +220,7 @@ __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, NV
 template <DType XT, CastingMode M, int VEC, int TPR, int TEAMS>
 __global__ void __launch_bounds__(TPR* TEAMS, forward_min_blocks<TPR * TEAMS, 4>())
     forward_loop_kernel(const __grid_constant__ ForwardArgs p) {
+  begin_forward(p);
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[32];
@@ -304,6 +319,7 @@ __host__ __device__ constexpr int forward_const_min_blocks() {
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, int TEAMS, bool SHIFT>
 __global__ void __launch_bounds__(TPR* TEAMS, forward_const_min_blocks<NV, VEC, SHIFT, TPR * TEAMS>())
     forward_const_kernel(const __grid_constant__ ForwardArgs p) {
+  begin_forward(p);
   static_assert(M != CastingMode::kGemma, "gemma's rounding does not fold the weight");
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   static_assert(VEC % 2 == 0, "pairs of elements");
@@ -485,6 +501,7 @@ template <DType XT, CastingMode M, int VEC, int NV, int THREADS, bool W, bool S,
           DType MT = XT>
 __global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
     forward_row_block_kernel(const __grid_constant__ ForwardArgs p) {
+  begin_forward(p);
   static_assert(THREADS % 32 == 0 && VEC % 2 == 0, "whole warps, pairs of elements");
   using Raw = XRaw<XT, VEC>;
   using Mod = ModRaw<MT, VEC>;
@@ -543,6 +560,7 @@ constexpr int kRowTileThreads = 256;
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, bool W, bool S, bool H>
 __global__ void __launch_bounds__(kRowTileThreads)
     forward_row_tile_kernel(const __grid_constant__ ForwardArgs p) {
+  begin_forward(p);
   static_assert(TPR <= 32 && kRowTileThreads % TPR == 0 && VEC % 2 == 0, "warp teams, pairs");
   using Raw = XRaw<XT, VEC>;
   constexpr int kTeams = kRowTileThreads / TPR;
@@ -617,6 +635,7 @@ __device__ __forceinline__ void cache_operand(char* cache, int cache_off, const 
 template <DType XT, CastingMode M, int VEC, int NV, int TPR, bool PRE>
 __global__ void __launch_bounds__(kRowsBlockThreads, rows_min_blocks(PRE))
     forward_rows_kernel(const __grid_constant__ ForwardArgs p) {
+  begin_forward(p);
   static_assert(TPR <= 32, "teams are at most one warp");
   using Raw = XRaw<XT, VEC>;
   static_assert(sizeof(Raw) >= 8 || VEC == 1, "vector rows");

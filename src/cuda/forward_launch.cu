@@ -164,10 +164,8 @@ struct ForwardImpl {
     }
     a.tile_rows = tile_rows;
     allow_dynamic_smem(kernel, size_t(smem));
-    void* args[] = {&a};
-    cuda_detail::check_launched(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                                 dim3(C::kThreads), args, size_t(smem), stream),
-                                "modnorm forward_rows_kernel");
+    launch_kernel(kernel, grid, C::kThreads, size_t(smem), a, stream, device,
+                  "modnorm forward_rows_kernel");
   }
 
   // Whether `op` is absent or of `dtype` (the row kernels load operands as raw vectors).
@@ -196,12 +194,9 @@ struct ForwardImpl {
 
   // Launches `kernel` (if any) on `grid` blocks; false when there is none or the grid is too big.
   static bool launch_rows_grid(const void* kernel, int64_t grid, int threads, ForwardArgs& a,
-                               cudaStream_t stream, const char* name) {
+                               cudaStream_t stream, int device, const char* name) {
     if (kernel == nullptr || grid > INT_MAX) return false;
-    void* args[] = {&a};
-    cuda_detail::check_launched(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                                 dim3(threads), args, 0, stream),
-                                name);
+    launch_kernel(kernel, grid, threads, 0, a, stream, device, name);
     return true;
   }
 
@@ -221,7 +216,8 @@ struct ForwardImpl {
       }
     });
     a.mod_evict_last = modulation_evict_last(p) ? 1 : 0;
-    return launch_rows_grid(kernel, p.rows, THREADS, a, stream, "modnorm forward_row_block_kernel");
+    return launch_rows_grid(kernel, p.rows, THREADS, a, stream, p.device.index,
+                            "modnorm forward_row_block_kernel");
   }
 
   // Rows of 257-384 and 513-768 vectors take three vectors a thread: with two, a quarter of the
@@ -272,7 +268,8 @@ struct ForwardImpl {
           cuda_detail::forward_row_tile_kernel<XT, M, VEC, NV, TPR, wc.value, sc.value, hc.value>);
     });
     return launch_rows_grid(kernel, ceil_div(p.rows, int64_t(cuda_detail::kRowTileThreads / TPR)),
-                            cuda_detail::kRowTileThreads, a, stream, "modnorm forward_row_tile_kernel");
+                            cuda_detail::kRowTileThreads, a, stream, p.device.index,
+                            "modnorm forward_row_tile_kernel");
   }
 
   template <int VEC>
@@ -327,10 +324,8 @@ struct ForwardImpl {
         a.rows_per_block = ceil_div(run, blocks_per_group);
         const int64_t grid = groups * blocks_per_group;
         if (grid > INT_MAX) return;  // the register kernel strides instead
-        void* args[] = {&a};
-        cuda_detail::check_launched(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                                     dim3(C::kThreads), args, 0, stream),
-                                    "modnorm forward_const_kernel");
+        launch_kernel(kernel, grid, C::kThreads, 0, a, stream, device,
+                      "modnorm forward_const_kernel");
         launched = true;
       });
       return launched;
@@ -360,8 +355,8 @@ struct ForwardImpl {
       }
       const bool done = visit_block_row_config(a.dim_vecs, [&](auto config) {
         using C = decltype(config);
-        auto kernel =
-            cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, false>;
+        const void* kernel = reinterpret_cast<const void*>(
+            cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, false>);
         // Slots for per-token scale/shift rows, prefetched with x by cp.async: those are a
         // second DRAM stream, and waiting for them after the row sum put two memory latencies in
         // series (ltx2b-i2v 78% -> 86%). Weight and shared rows stay L1 reads: copying them per
@@ -382,16 +377,16 @@ struct ForwardImpl {
         }
         a.pre_slot_bytes = static_cast<int>(slot_bytes);
         if (slot_bytes > 0) {
-          kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>;
+          kernel = reinterpret_cast<const void*>(
+              cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>);
         }
-        allow_dynamic_smem(reinterpret_cast<const void*>(kernel), size_t(slot_bytes) * C::kTeams);
+        allow_dynamic_smem(kernel, size_t(slot_bytes) * C::kTeams);
         // A block per row: short blocks retire and are replaced while others still wait on
         // memory (measured faster than a persistent grid here). The kernel strides over rows,
         // so the launch limit is the only cap.
         const int64_t grid = std::min<int64_t>(ceil_div(p.rows, C::kTeams), INT_MAX);
-        kernel<<<static_cast<unsigned>(grid), C::kThreads, size_t(slot_bytes) * C::kTeams,
-                 stream>>>(a);
-        check_launch("modnorm forward_reg_kernel");
+        launch_kernel(kernel, grid, C::kThreads, size_t(slot_bytes) * C::kTeams, a, stream, device,
+                      "modnorm forward_reg_kernel");
       });
       if (done) return;
     }
@@ -412,6 +407,7 @@ struct ForwardImpl {
   static void run(const ForwardPlan& p, void* y, float* rstd, cudaStream_t stream) {
     require_int_dim(p.dim);
     ForwardArgs a;
+    a.release_early = forward_releases_early(p.device.index) ? 1 : 0;
     set_common_args(a, p);
     a.y = y;
     a.rstd = rstd;

@@ -113,6 +113,52 @@ inline bool interleave_rows() {
   return on;
 }
 
+// Whether kernels launch programmatically (programmatic stream serialization): sm_90+, unless
+// MODNORM_PDL=0 (comparisons). Every modnorm kernel makes wait_for_prior_grid its first
+// statement, so its blocks may be placed and start while the kernel before it in the stream
+// drains, and touch memory only once that kernel is done: no read of an input the kernel before
+// wrote and no write over one it still reads can come early.
+inline bool programmatic_launches(int device) {
+  static const bool off = env_switch("MODNORM_PDL") == "0";
+  return !off && device_info(device).cc_major >= 9;
+}
+// MODNORM_PDL=early: the forward kernels also release the next launch as soon as each block starts
+// (begin_forward; tests and comparisons).
+inline bool forward_releases_early(int device) {
+  static const bool early = env_switch("MODNORM_PDL") == "early";
+  return early && programmatic_launches(device);
+}
+
+// A launch configuration for cudaLaunchKernelEx, programmatic where programmatic_launches allows;
+// `attribute` is the caller's storage for its one attribute (it must outlive the launch call).
+inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t dynamic_smem,
+                                        cudaStream_t stream, int device,
+                                        cudaLaunchAttribute& attribute) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = dynamic_smem;
+  config.stream = stream;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic_launches(device) ? 1 : 0;
+  return config;
+}
+
+// Launches `kernel`, a __global__ function taking one Args by value, on `grid` x `threads` with
+// `smem` bytes of dynamic shared memory (launch_config: programmatically on sm_90+).
+template <typename Args>
+void launch_kernel(const void* kernel, int64_t grid, int threads, size_t smem, Args& a,
+                   cudaStream_t stream, int device, const char* name) {
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = launch_config(dim3(static_cast<unsigned>(grid)),
+                                                  dim3(static_cast<unsigned>(threads)), smem,
+                                                  stream, device, attribute);
+  void* args[] = {&a};
+  cuda_detail::check_launched(cudaLaunchKernelExC(&config, kernel, args), name);
+}
+
 inline int round_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b * b); }
 
 constexpr int kLoopBlockThreads = 512;
@@ -135,10 +181,7 @@ void launch_loop_kernel(const void* kernel, Args& a, int threads, int teams, siz
   const int occupancy = blocks_per_sm(device, kernel, threads, smem);
   const int64_t grid = std::min<int64_t>(ceil_div(rows, teams), int64_t(info.sm_count) * occupancy);
   allow_dynamic_smem(kernel, smem);
-  void* args[] = {&a};
-  cuda_detail::check_launched(cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(grid)),
-                                               dim3(threads), args, smem, stream),
-                              name);
+  launch_kernel(kernel, grid, threads, smem, a, stream, device, name);
 }
 
 template <template <DType, CastingMode> class Impl, typename F>
