@@ -45,6 +45,8 @@ struct ForwardArgs {
   int interleave = 0;  // block_row_walk: blocks of a group take turns row by row
   // forward_row_block_kernel: scale and shift rows loaded evict-last (else the normal policy).
   int mod_evict_last = 0;
+  // forward_row_block_kernel: x loaded evict-first (else with the normal policy).
+  int x_evict_first = 0;
   // begin_forward: release the next launch as soon as each block starts (MODNORM_PDL=early).
   int release_early = 0;
   // Byte offsets of the cached weight / scale / shift rows in dynamic shared memory (-1: none).
@@ -490,7 +492,8 @@ __device__ __forceinline__ XRaw<XT, VEC> modulated_vector(const ForwardArgs& p, 
 // software pipeline: on H100 this shape (Liger's) beat forward_const_kernel's persistent blocks
 // with constants in registers by 2-9 points on every case it serves (performance log, session 7).
 // W / S / H: weight, scale, shift present; MT: the scale's and shift's dtype (x's, or float32).
-// L2 policies: x evict-first (read once); scale and shift evict-last where the host sets
+// L2 policies: x normal (evict-first where the host sets x_evict_first: row_block_x_evict_first
+// says why not by default); scale and shift evict-last where the host sets
 // mod_evict_last (rows read by several x rows, a small set), else normal. Per-token rows loaded
 // evict-last made ltx2b-i2v 1 us faster, but left dead lines that cost the next kernel more
 // (l2_policy; performance log, sessions 17 and 18).
@@ -509,7 +512,8 @@ __global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
   const Raw* xrow = reinterpret_cast<const Raw*>(elem_ptr<XT>(p.x, row * p.x_row_stride));
-  const uint64_t evict_first = l2_policy<L2Evict::kFirst>();
+  const uint64_t x_policy =
+      p.x_evict_first ? l2_policy<L2Evict::kFirst>() : l2_policy<L2Evict::kNormal>();
   const uint64_t mod_policy =
       p.mod_evict_last ? l2_policy<L2Evict::kLast>() : l2_policy<L2Evict::kNormal>();
   Raw xr[NV], wr[W ? NV : 1];
@@ -517,7 +521,7 @@ __global__ void __launch_bounds__(THREADS, NV >= 3 ? 1 : 0)
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int v = t + i * THREADS;
-    xr[i] = v < p.dim_vecs ? load_streamed(xrow + v, evict_first) : Raw{};  // zeros add nothing
+    xr[i] = v < p.dim_vecs ? load_streamed(xrow + v, x_policy) : Raw{};  // zeros add nothing
   }
   const Raw* wrow = static_cast<const Raw*>(p.weight);
   const void* srow = nullptr;

@@ -105,6 +105,16 @@ bool modulation_evict_last(const ForwardPlan& p) {
   return bytes <= kModEvictLastMaxBytes;
 }
 
+// Whether forward_row_block_kernel loads x evict-first, as the other forward kernels do (the
+// flush's dirty lines stay in L2 longer). Its rows are one block's, read once, and with the normal
+// policy the kernel measured faster or level on every row-block case on the H100 (ltx13b 81.6 ->
+// 79.8 us, mochi 190.0 -> 187.6; performance log, session 20); on the H200 (session 18) mochi
+// gained 2.5% and ltx13b and ltx2b-t2v lost 0.5-1%. MODNORM_FWD_X_POLICY=first, for comparisons.
+bool row_block_x_evict_first() {
+  static const bool first = env_switch("MODNORM_FWD_X_POLICY") == "first";
+  return first;
+}
+
 template <DType XT, CastingMode M>
 struct ForwardImpl {
   // Per-token modulation in x's dtype, loaded into registers with x (short rows only).
@@ -216,6 +226,7 @@ struct ForwardImpl {
       }
     });
     a.mod_evict_last = modulation_evict_last(p) ? 1 : 0;
+    a.x_evict_first = row_block_x_evict_first() ? 1 : 0;
     return launch_rows_grid(kernel, p.rows, THREADS, a, stream, p.device.index,
                             "modnorm forward_row_block_kernel");
   }
