@@ -175,14 +175,15 @@ def test_backward_one_vector_ring(dtype, D, kind, mode):
     check_case("cuda", dtype, mode, 0.0, kind, True, True, D=D, T=150)
 
 
-def backward_kernel_names(x, w, s, h, kernel):
+def backward_kernel_names(x, w, s, h, kernel, **options):
     """Names of the CUDA kernels called `kernel` in one backward of these leaves (after a warm-up
-    call), template arguments spelled plainly ("1, 256, true", not "(int)1, (bool)1")."""
+    call), template arguments spelled plainly ("1, 256, true", not "(int)1, (bool)1"). `options`
+    go to modulated_rms_norm (offset, casting_mode)."""
     from torch.profiler import ProfilerActivity, profile
 
     leaves = [t for t in (x, w, s, h) if t is not None]
     dy = torch.randn_like(x)
-    y = modnorm.modulated_rms_norm(x, w, s, h, in_place=False)
+    y = modnorm.modulated_rms_norm(x, w, s, h, in_place=False, **options)
     torch.autograd.grad(y, leaves, dy, retain_graph=True)  # warm up
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         torch.autograd.grad(y, leaves, dy)
@@ -324,9 +325,9 @@ def test_backward_common_layout_kernel_is_the_one_that_runs(kernel, dtype, D, sh
 # run's output poisoning, a fill kernel, is the kernel just before), and its gradients must be
 # bitwise those of the same inputs in their own tensors; the kernel that runs is checked by name.
 # Each row kernel: lean, short, the const kernel's one-vector ring and its per-token ring, the pipe
-# kernel (per-token rows of 32 vectors), the register kernel (gemma casting). Not built here: a
-# kernel before it that releases its dependents early (as the row kernels do for the finalize),
-# which would widen the window a missing wait leaves.
+# kernel (per-token rows of 32 vectors), the register kernel (gemma casting). The fill before it
+# does not release the backward early; test_kernel_chains_wait_for_the_kernel_before has kernels
+# that do.
 @pytest.mark.parametrize(
     "D,T,kind,mode,kernel",
     [
@@ -355,13 +356,8 @@ def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, kernel)
     ops = torch.ops.modnorm
     rstds = [ops.fwd(x, w, s, h, 1e-6, offset, 1.0, mode)[1] for x in xs]
     expected = [ops.bwd(dy, x, r, w, s, h, offset, 1.0, mode, mask) for dy, x, r in zip(dys, xs, rstds)]
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        ops.bwd(dys[0], xs[0], rstds[0], w, s, h, offset, 1.0, mode, mask)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "backward_" in e.name]
+    leaves = [t.clone().requires_grad_() for t in (xs[0], w, s, h)]
+    names = backward_kernel_names(*leaves, "backward_", offset=offset, casting_mode=mode)
     assert any(f"backward_{kernel}_kernel" in n for n in names), names
     x_buf, dy_buf = torch.empty_like(xs[0]), torch.empty_like(dys[0])
     for _ in range(4):
@@ -371,6 +367,55 @@ def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, kernel)
             got = ops.bwd(dy_buf, x_buf, rstds[i], w, s, h, offset, 1.0, mode, mask)
             for a, b in zip(got, expected[i]):
                 assert torch.equal(a, b)
+
+
+# Every modnorm kernel launches programmatically on sm_90+ and waits for the kernel before it in the
+# kernel, so in a chain of modnorm operations, each reading what the one before wrote, the next
+# kernel's blocks may run while the one before drains. programmatic_chains.py runs such chains
+# (forward -> forward -> backward -> forward -> in-place backward -> in-place forward) for each
+# forward kernel, in a process without output poisoning (whose fills would sit between the
+# kernels), and compares every result bitwise with the same operation run alone: once as shipped
+# (the backward's row kernels release the finalize early), once with MODNORM_PDL=early, where the
+# forward kernels release the next launch as their blocks start, so a missing wait would read
+# inputs not yet written.
+@pytest.fixture(scope="module")
+def programmatic_chains():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic launches need sm_90")
+    script = Path(__file__).with_name("programmatic_chains.py")
+    results = {}
+    for pdl in ("1", "early"):
+        env = {k: v for k, v in os.environ.items() if k != "MODNORM_POISON_OUTPUTS"}
+        env["MODNORM_PDL"] = pdl
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[pdl] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+@pytest.mark.parametrize("pdl", ["1", "early"])
+@pytest.mark.parametrize(
+    "case,kernel",
+    [
+        ("row_block", "forward_row_block_kernel"),
+        ("row_tile", "forward_row_tile_kernel"),
+        ("const", "forward_const_kernel"),
+        ("rows", "forward_rows_kernel"),
+        ("reg", "forward_reg_kernel"),
+        ("loop", "forward_loop_kernel"),
+    ],
+)
+def test_kernel_chains_wait_for_the_kernel_before(programmatic_chains, case, kernel, pdl):
+    result = programmatic_chains[pdl][case]
+    assert any(kernel in n for n in result["kernels"]), result["kernels"]
+    assert any("backward_" in n for n in result["kernels"]), result["kernels"]
+    assert not result["mismatch"], result["mismatch"]
 
 
 @pytest.mark.parametrize("kind", ["per_sample", "shared", "none"])
