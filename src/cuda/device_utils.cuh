@@ -477,8 +477,10 @@ __device__ __forceinline__ void cp_async_wait_ring(int stages) {
 // Programmatic dependent launch (sm_90+). A kernel launched with programmatic stream
 // serialization may start while the kernel before it in the stream drains: it must call
 // wait_for_prior_grid before it reads anything that kernel wrote (the wait returns once that
-// kernel has finished and its writes are visible). allow_dependent_launch lets the next such
-// kernel start early. Both are no-ops before sm_90 and for kernels launched without the attribute.
+// kernel has finished and its writes are visible), and no block may return before its wait.
+// allow_dependent_launch lets the next such kernel start early. Both are no-ops before sm_90 and
+// for kernels launched without the attribute (programmatic_launches allows the attribute only
+// where the kernels were compiled for sm_90+).
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");

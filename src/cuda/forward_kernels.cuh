@@ -57,11 +57,13 @@ struct ForwardArgs {
 };
 
 // Every forward kernel's first statement. Launched programmatically on sm_90+ (launch_kernel), a
-// kernel waits for the one before it in the stream to finish before it touches memory. With
-// release_early (MODNORM_PDL=early) it also lets the next programmatic launch place its blocks at
-// once, while this grid still runs: that widens the window a missing wait in the next kernel
-// would leave (the tests use it), but measured slower in a forward and backward back to back
-// (H100: ltx2b-t2v +5 us, wan14b +6; performance log, session 20), so it is off by default.
+// kernel waits for the one before it in the stream to finish before it touches memory; no block
+// may return before this, or the kernel could finish before the one before it does. With
+// release_early (MODNORM_PDL=early) each block, once its wait returns, also lets the next
+// programmatic launch place its blocks while this grid still runs: that widens the window a
+// missing wait in the next kernel would leave (the tests use it), but measured slower in a
+// forward and backward back to back (H100: ltx2b-t2v +5 us, wan14b +6; performance log, session
+// 20), so it is off by default.
 __device__ __forceinline__ void begin_forward(const ForwardArgs& p) {
   wait_for_prior_grid();
   if (p.release_early) allow_dependent_launch();

@@ -113,27 +113,49 @@ inline bool interleave_rows() {
   return on;
 }
 
-// Whether kernels launch programmatically (programmatic stream serialization): sm_90+, unless
-// MODNORM_PDL=0 (comparisons). Every modnorm kernel makes wait_for_prior_grid its first
-// statement, so its blocks may be placed and start while the kernel before it in the stream
-// drains, and touch memory only once that kernel is done: no read of an input the kernel before
-// wrote and no write over one it still reads can come early.
-inline bool programmatic_launches(int device) {
-  static const bool off = env_switch("MODNORM_PDL") == "0";
-  return !off && device_info(device).cc_major >= 9;
+namespace {
+// A kernel that does nothing: its PTX version is every modnorm kernel's (one build, one list of
+// architectures). In an anonymous namespace, like the launch helpers that use it, so that each
+// translation unit asks about its own kernels.
+__global__ void ptx_version_probe_kernel() {}
+
+// Whether the kernels this device runs were compiled for sm_90+, where wait_for_prior_grid waits
+// (below sm_90 it is empty): a build without a 90 target would run older PTX, JIT-compiled, whose
+// kernels would not wait, so they must not launch programmatically.
+bool kernels_wait_for_prior_grid(int device) {
+  static std::mutex mutex;
+  static std::map<int, bool> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  cudaFuncAttributes attributes = {};
+  cuda_detail::check_cuda(
+      cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(ptx_version_probe_kernel)),
+      "cudaFuncGetAttributes");
+  return cache.emplace(device, attributes.ptxVersion >= 90).first->second;
 }
-// MODNORM_PDL=early: the forward kernels also release the next launch as soon as each block starts
-// (begin_forward; tests and comparisons).
-inline bool forward_releases_early(int device) {
+
+// Whether kernels launch programmatically (programmatic stream serialization): sm_90+ kernels on
+// an sm_90+ device, unless MODNORM_PDL=0 (comparisons). Every modnorm kernel waits for the kernel
+// before it (wait_for_prior_grid, begin_forward) before it touches global memory, and no block
+// leaves before its wait, so its blocks may be placed and start while the kernel before it in the
+// stream drains: no read of an input the kernel before wrote and no write over one it still reads
+// can come early, and a kernel is done only once the one before it is.
+bool programmatic_launches(int device) {
+  static const bool off = env_switch("MODNORM_PDL") == "0";
+  return !off && device_info(device).cc_major >= 9 && kernels_wait_for_prior_grid(device);
+}
+// MODNORM_PDL=early: the forward kernels also release the next launch as soon as each block's wait
+// returns (begin_forward; tests and comparisons).
+bool forward_releases_early(int device) {
   static const bool early = env_switch("MODNORM_PDL") == "early";
   return early && programmatic_launches(device);
 }
 
 // A launch configuration for cudaLaunchKernelEx, programmatic where programmatic_launches allows;
 // `attribute` is the caller's storage for its one attribute (it must outlive the launch call).
-inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t dynamic_smem,
-                                        cudaStream_t stream, int device,
-                                        cudaLaunchAttribute& attribute) {
+cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream,
+                                 int device, cudaLaunchAttribute& attribute) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -158,6 +180,7 @@ void launch_kernel(const void* kernel, int64_t grid, int threads, size_t smem, A
   void* args[] = {&a};
   cuda_detail::check_launched(cudaLaunchKernelExC(&config, kernel, args), name);
 }
+}  // namespace
 
 inline int round_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b * b); }
 
