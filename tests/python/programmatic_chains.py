@@ -1,10 +1,11 @@
-"""Chains of modnorm kernels in which each reads what the kernel right before it wrote.
+"""Chains of modnorm operations in which each reads what an operation before it wrote.
 
 On sm_90+ every modnorm kernel launches programmatically: its blocks may start while the kernel
 before it in the stream drains, and its first statement waits for that kernel. The backward's row
 kernels release the finalize early, and under MODNORM_PDL=early the forward kernels release the
-next launch as their blocks start, so in these chains a missing or late wait would read inputs
-the kernel before has not written yet. test_gpu.py runs this file in a process of its own,
+next launch as soon as their blocks' waits return, so in these chains a kernel that did not wait
+would read inputs the kernel before has not written yet (a forward right after a forward, a
+backward right after the forward that wrote its rstd, a finalize right after its row pass). test_gpu.py runs this file in a process of its own,
 without MODNORM_POISON_OUTPUTS: with it, every output's poisoning fill would sit between the
 kernels of a chain.
 
@@ -58,9 +59,8 @@ def chain(x, w, s, h, dy):
     y3 = OPS.fwd_y(g[0], w, s, h, EPS, 0.0, 1.0, "llama")  # x = the dx the backward wrote
     # dy = the y the forward just wrote; dx is written over it
     gi = OPS.bwd_inplace(y3, y1, r2, w, s, h, 0.0, 1.0, "llama", mask)
-    # x = that dx; y is written over it
-    y4 = OPS.modulated_rms_norm(y3, w, s, h, EPS, 0.0, 1.0, "llama", True)
-    return [y1, y2, r2, *g, *gi, y4]
+    y4 = OPS.fwd_y(y3, w, s, h, EPS, 0.0, 1.0, "llama")  # x = that dx
+    return [y1, y2, r2, *g, *gi, y3, y4]
 
 
 def one_by_one(x, w, s, h, dy):
@@ -80,9 +80,8 @@ def one_by_one(x, w, s, h, dy):
     buf = alone(OPS.fwd_y, g[0], w, s, h, EPS, 0.0, 1.0, "llama")
     gi = OPS.bwd_inplace(buf, y1.clone(), r2.clone(), w, s, h, 0.0, 1.0, "llama", mask)
     torch.cuda.synchronize()
-    y4 = OPS.modulated_rms_norm(buf, w, s, h, EPS, 0.0, 1.0, "llama", True)
-    torch.cuda.synchronize()
-    return [y1, y2, r2, *g, *gi, y4]
+    y4 = alone(OPS.fwd_y, buf, w, s, h, EPS, 0.0, 1.0, "llama")
+    return [y1, y2, r2, *g, *gi, buf, y4]
 
 
 def main():

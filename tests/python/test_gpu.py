@@ -372,12 +372,12 @@ def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, kernel)
 # Every modnorm kernel launches programmatically on sm_90+ and waits for the kernel before it in the
 # kernel, so in a chain of modnorm operations, each reading what the one before wrote, the next
 # kernel's blocks may run while the one before drains. programmatic_chains.py runs such chains
-# (forward -> forward -> backward -> forward -> in-place backward -> in-place forward) for each
-# forward kernel, in a process without output poisoning (whose fills would sit between the
+# (forward -> forward -> backward -> forward -> backward writing dx over its dy -> forward) for
+# each forward kernel, in a process without output poisoning (whose fills would sit between the
 # kernels), and compares every result bitwise with the same operation run alone: once as shipped
 # (the backward's row kernels release the finalize early), once with MODNORM_PDL=early, where the
-# forward kernels release the next launch as their blocks start, so a missing wait would read
-# inputs not yet written.
+# forward kernels also release the next launch as soon as their waits return, so a kernel that
+# did not wait would read inputs not yet written.
 @pytest.fixture(scope="module")
 def programmatic_chains():
     import json
