@@ -413,9 +413,10 @@ def programmatic_chains():
 )
 def test_kernel_chains_wait_for_the_kernel_before(programmatic_chains, case, kernel, pdl):
     result = programmatic_chains[pdl][case]
-    assert any(kernel in n for n in result["kernels"]), result["kernels"]
-    assert any("backward_" in n for n in result["kernels"]), result["kernels"]
-    assert not result["mismatch"], result["mismatch"]
+    seed = f"MODNORM_TEST_SEED={programmatic_chains[pdl]['seed']}"
+    assert any(kernel in n for n in result["kernels"]), (seed, result["kernels"])
+    assert any("backward_" in n for n in result["kernels"]), (seed, result["kernels"])
+    assert not result["mismatch"], (seed, result["mismatch"])
 
 
 @pytest.mark.parametrize("kind", ["per_sample", "shared", "none"])
