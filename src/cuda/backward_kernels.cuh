@@ -855,7 +855,7 @@ __global__ void __launch_bounds__(TPR == 0 ? 512 : kTeamBlockThreads, TPR == 0 ?
 template <DType XT, CastingMode M, int VEC, int TPR, int TEAMS>
 __global__ void __launch_bounds__(TPR* TEAMS, backward_min_blocks<TPR * TEAMS>())
     backward_loop_kernel(const __grid_constant__ BackwardArgs p) {
-  wait_for_prior_grid();  // launched programmatically on sm_90+ (launch_config)
+  wait_for_prior_grid();  // launched programmatically on sm_90+ (launch_kernel)
   static_assert(TPR <= 32 || TEAMS == 1, "block-wide teams own the whole block");
   using Raw = XRaw<XT, VEC>;
   __shared__ float red[32];
@@ -950,7 +950,7 @@ constexpr int kColumnRowLanes = 8;   // rows in flight per block
 template <DType XT, CastingMode M, int VEC>
 __global__ void __launch_bounds__(kColumnLanes* kColumnRowLanes)
     column_grad_kernel(const __grid_constant__ ColumnArgs p) {
-  wait_for_prior_grid();  // launched programmatically on sm_90+ (launch_config)
+  wait_for_prior_grid();  // launched programmatically on sm_90+ (launch_kernel)
   using Raw = XRaw<XT, VEC>;
   constexpr int kTileCols = kColumnLanes * VEC;
   __shared__ float lane_sums[kColumnRowLanes][kTileCols];

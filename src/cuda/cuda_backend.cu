@@ -487,7 +487,7 @@ struct BackwardImpl {
   }
 
   // Launches a row kernel of the backward (the lean, short, const, pipe or register kernel),
-  // programmatically on sm_90+ (launch_config): its blocks are placed and start while the kernel
+  // programmatically on sm_90+ (launch_kernel): its blocks are placed and start while the kernel
   // before it (the forward, in a training step) drains.
   // H100, the forward and backward ops back to back, plain / programmatic (performance log,
   // session 19): ltx2b-t2v 102.2-103.1 / 100.0-100.8 us, ltx13b 203.0-204.0 / 200.8-201.6,
@@ -497,11 +497,8 @@ struct BackwardImpl {
   static void launch_row_pass(Kernel kernel, const BackwardArgs& a, const BackwardLayout& l,
                               int threads, int device, cudaStream_t stream, const char* what) {
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
-    cudaLaunchAttribute attribute;
-    const cudaLaunchConfig_t config =
-        launch_config(dim3(static_cast<unsigned>(l.blocks)), dim3(static_cast<unsigned>(threads)),
-                      l.reg_smem, stream, device, attribute);
-    cuda_detail::check_launched(cudaLaunchKernelEx(&config, kernel, a), what);
+    launch_kernel(kernel, dim3(static_cast<unsigned>(l.blocks)), dim3(static_cast<unsigned>(threads)),
+                  l.reg_smem, stream, device, what, a);
   }
 
   static void launch_column(const BackwardPlan& bp, const BackwardLayout& l, const ColumnPlan& c,
@@ -528,14 +525,10 @@ struct BackwardImpl {
       if (col_tiles > 65535 || c.units > INT_MAX) {
         throw Error(Error::Kind::kValue, "modnorm CUDA backend: reduction grid too large");
       }
-      cudaLaunchAttribute attribute;
-      const cudaLaunchConfig_t config = launch_config(
-          dim3(static_cast<unsigned>(c.units), static_cast<unsigned>(col_tiles)),
-          dim3(cuda_detail::kColumnLanes * cuda_detail::kColumnRowLanes), 0, stream,
-          p.device.index, attribute);
-      cuda_detail::check_launched(
-          cudaLaunchKernelEx(&config, cuda_detail::column_grad_kernel<XT, M, VEC>, a),
-          "modnorm column_grad_kernel");
+      launch_kernel(cuda_detail::column_grad_kernel<XT, M, VEC>,
+                    dim3(static_cast<unsigned>(c.units), static_cast<unsigned>(col_tiles)),
+                    dim3(cuda_detail::kColumnLanes * cuda_detail::kColumnRowLanes), 0, stream,
+                    p.device.index, "modnorm column_grad_kernel", a);
     };
     if (l.vectorized) {
       go(std::integral_constant<int, kVec>{});
@@ -568,15 +561,11 @@ struct BackwardImpl {
     // in the kernel for the partials.
     // finalize_kernel's 16-lane shape where the grid has a block for every SM (see the kernel).
     const bool narrow = grid >= device_info(device).sm_count;
-    cudaLaunchAttribute attribute;
-    const cudaLaunchConfig_t config =
-        launch_config(dim3(static_cast<unsigned>(grid)),
-                      dim3(cuda_detail::kFinalizeCols * (narrow ? 16 : 32)), 0, stream, device,
-                      attribute);
     using cuda_detail::finalize_kernel;
-    const cudaError_t launched = narrow ? cudaLaunchKernelEx(&config, finalize_kernel<16, 8>, f)
-                                        : cudaLaunchKernelEx(&config, finalize_kernel<32, 4>, f);
-    cuda_detail::check_launched(launched, "modnorm finalize_kernel launch");
+    const dim3 block(cuda_detail::kFinalizeCols * (narrow ? 16 : 32));
+    launch_kernel(narrow ? finalize_kernel<16, 8> : finalize_kernel<32, 4>,
+                  dim3(static_cast<unsigned>(grid)), block, 0, stream, device,
+                  "modnorm finalize_kernel launch", f);
   }
 
   static void run(const BackwardPlan& bp, const float* rstd, const Gradients& grads,

@@ -180,6 +180,16 @@ void launch_kernel(const void* kernel, int64_t grid, int threads, size_t smem, A
   void* args[] = {&a};
   cuda_detail::check_launched(cudaLaunchKernelExC(&config, kernel, args), name);
 }
+
+// The same for a kernel of known type (its arguments checked against its parameters), on any grid
+// and block shape.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, int device, const char* name, const Args&... args) {
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = launch_config(grid, block, smem, stream, device, attribute);
+  cuda_detail::check_launched(cudaLaunchKernelEx(&config, kernel, args...), name);
+}
 }  // namespace
 
 inline int round_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b * b); }
