@@ -23,34 +23,33 @@ import random
 import torch
 
 import modnorm  # noqa: F401  (registers torch.ops.modnorm)
+from helpers import make_inputs
 
 OPS = torch.ops.modnorm
 EPS = 1e-6
 BF16, F32 = torch.bfloat16, torch.float32
 
-# name: (B, T, D, weight, modulation ("per_sample", "per_token" or None), modulation dtype).
+# name: (B, T, D, weight, modulation (a helpers.KINDS layout or None), modulation dtype).
 # 120 rows: every kernel of the chain is one wave of blocks, all running while the next one's
 # blocks are placed, so a kernel that did not wait would read rows still being written.
 CASES = {
-    "row_block": (1, 120, 2048, False, "per_sample", BF16),
+    "row_block": (1, 120, 2048, False, "per_sample_3d", BF16),
     "row_tile": (1, 120, 128, True, None, None),
-    "const": (1, 120, 5120, True, "per_sample", F32),
+    "const": (1, 120, 5120, True, "per_sample_3d", F32),
     "rows": (1, 120, 256, True, "per_token", F32),
     "reg": (1, 120, 16384, False, "per_token", BF16),
-    "loop": (1, 120, 40000, True, "per_sample", BF16),
+    "loop": (1, 120, 40000, True, "per_sample_3d", BF16),
 }
 ROUNDS = 8
 
 
 def operands(B, T, D, weight, kind, mod_dtype):
-    x = torch.randn(B, T, D, device="cuda", dtype=BF16)
-    w = (1.0 + 0.2 * torch.randn(D, device="cuda", dtype=BF16)) if weight else None
-    s = h = None
-    if kind is not None:
-        shape = (B, 1, D) if kind == "per_sample" else (B, T, D)
-        s = 0.3 * torch.randn(shape, device="cuda", dtype=mod_dtype)
-        h = 0.3 * torch.randn(shape, device="cuda", dtype=mod_dtype)
-    return x, w, s, h
+    """x, weight, scale, shift from the tests' make_inputs, as plain tensors (kind None: no
+    modulation)."""
+    x, w, _, s, h = make_inputs(kind or "shared", BF16, "cuda", B=B, T=T, D=D, weight=weight, mod_dtype=mod_dtype)
+    if kind is None:
+        s = h = None
+    return [t.detach() if t is not None else None for t in (x, w, s, h)]
 
 
 def chain(x, w, s, h, dy):
