@@ -496,7 +496,7 @@ struct BackwardImpl {
   template <typename Kernel>
   static void launch_row_pass(Kernel kernel, const BackwardArgs& a, const BackwardLayout& l,
                               int threads, int device, cudaStream_t stream, const char* what) {
-    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), l.reg_smem);
+    allow_dynamic_smem(kernel, l.reg_smem);
     launch_kernel(kernel, dim3(static_cast<unsigned>(l.blocks)), dim3(static_cast<unsigned>(threads)),
                   l.reg_smem, stream, device, what, a);
   }
@@ -700,11 +700,10 @@ struct BackwardImpl {
       auto go = [&](auto vec_tag) {
         constexpr int VEC = decltype(vec_tag)::value;
         const bool warp_teams = VEC == 1 && p.dim <= kSmallLoopDim;
-        const void* kernel =
-            warp_teams
-                ? reinterpret_cast<const void*>(cuda_detail::backward_loop_kernel<XT, M, 1, 32, 8>)
-                : reinterpret_cast<const void*>(
-                      cuda_detail::backward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
+        using LoopKernel = void (*)(cuda_detail::BackwardArgs);
+        const LoopKernel kernel =
+            warp_teams ? LoopKernel(cuda_detail::backward_loop_kernel<XT, M, 1, 32, 8>)
+                       : LoopKernel(cuda_detail::backward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
         const int threads = warp_teams ? 256 : kLoopBlockThreads;
         const int teams = warp_teams ? 8 : 1;
         const size_t stage_bytes = warp_teams ? 0 : 2 * size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);

@@ -56,6 +56,10 @@ struct ForwardArgs {
   int pre_s = -1, pre_h = -1, pre_slot_bytes = 0;
 };
 
+// Every forward kernel's type (the host launches them through this, so a kernel taking anything
+// else does not compile there).
+using ForwardKernel = void (*)(ForwardArgs);
+
 // Every forward kernel's first statement. Launched programmatically on sm_90+ (launch_kernel), a
 // kernel waits for the one before it in the stream to finish before it touches memory; no block
 // may return before this, or the kernel could finish before the one before it does. With

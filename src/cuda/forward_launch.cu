@@ -155,11 +155,9 @@ struct ForwardImpl {
       }
     }
     const bool pre = run == 0 && preload_modulation(p);
-    const void* kernel =
-        pre ? reinterpret_cast<const void*>(
-                  cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, true>)
-            : reinterpret_cast<const void*>(
-                  cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, false>);
+    const ForwardKernel kernel =
+        pre ? ForwardKernel(cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, true>)
+            : ForwardKernel(cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, false>);
     // Tiles: a few rows per team, as many as leave at least two waves of blocks.
     const int occupancy = blocks_per_sm(device, kernel, C::kThreads, size_t(smem));
     const int64_t wave_rows = int64_t(info.sm_count) * occupancy * C::kTeams;
@@ -185,9 +183,9 @@ struct ForwardImpl {
   // template flags), from make(W, S, H); nullptr for a shift without a scale, which the plan
   // rejects anyway.
   template <typename Make>
-  static const void* operand_set_kernel(const ForwardPlan& p, Make&& make) {
+  static ForwardKernel operand_set_kernel(const ForwardPlan& p, Make&& make) {
     const bool w = p.weight.present(), s = p.scale.present(), h = p.shift.present();
-    const void* kernel = nullptr;
+    ForwardKernel kernel = nullptr;
     auto pick = [&](auto wc, auto sc, auto hc) {
       if (w == wc.value && s == sc.value && h == hc.value) kernel = make(wc, sc, hc);
     };
@@ -203,7 +201,7 @@ struct ForwardImpl {
   }
 
   // Launches `kernel` (if any) on `grid` blocks; false when there is none or the grid is too big.
-  static bool launch_rows_grid(const void* kernel, int64_t grid, int threads, ForwardArgs& a,
+  static bool launch_rows_grid(ForwardKernel kernel, int64_t grid, int threads, ForwardArgs& a,
                                cudaStream_t stream, int device, const char* name) {
     if (kernel == nullptr || grid > INT_MAX) return false;
     launch_kernel(kernel, grid, threads, 0, a, stream, device, name);
@@ -217,12 +215,12 @@ struct ForwardImpl {
   // (see try_row_block). Returns whether it launched.
   template <int VEC, int THREADS, int kNV = 2, DType MT = XT>
   static bool launch_row_block(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
-    const void* kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) -> const void* {
+    const ForwardKernel kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) -> ForwardKernel {
       if constexpr (MT != XT && !decltype(sc)::value) {
         return nullptr;  // no scale: the x-dtype instance takes it
       } else {
-        return reinterpret_cast<const void*>(cuda_detail::forward_row_block_kernel<
-                                             XT, M, VEC, kNV, THREADS, wc.value, sc.value, hc.value, MT>);
+        return cuda_detail::forward_row_block_kernel<XT, M, VEC, kNV, THREADS, wc.value, sc.value,
+                                                     hc.value, MT>;
       }
     });
     a.mod_evict_last = modulation_evict_last(p) ? 1 : 0;
@@ -274,9 +272,8 @@ struct ForwardImpl {
   // Teams of TPR lanes with NV vectors each.
   template <int VEC, int NV, int TPR>
   static bool launch_row_tile(const ForwardPlan& p, ForwardArgs& a, cudaStream_t stream) {
-    const void* kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) {
-      return reinterpret_cast<const void*>(
-          cuda_detail::forward_row_tile_kernel<XT, M, VEC, NV, TPR, wc.value, sc.value, hc.value>);
+    const ForwardKernel kernel = operand_set_kernel(p, [](auto wc, auto sc, auto hc) -> ForwardKernel {
+      return cuda_detail::forward_row_tile_kernel<XT, M, VEC, NV, TPR, wc.value, sc.value, hc.value>;
     });
     return launch_rows_grid(kernel, ceil_div(p.rows, int64_t(cuda_detail::kRowTileThreads / TPR)),
                             cuda_detail::kRowTileThreads, a, stream, p.device.index,
@@ -313,12 +310,12 @@ struct ForwardImpl {
       bool launched = false;
       visit_const_config(a.dim_vecs, [&](auto config) {
         using C = decltype(config);
-        const void* kernel =
+        const ForwardKernel kernel =
             p.shift.present()
-                ? reinterpret_cast<const void*>(cuda_detail::forward_const_kernel<
-                                                XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>)
-                : reinterpret_cast<const void*>(cuda_detail::forward_const_kernel<
-                                                XT, M, VEC, C::kNV, C::kTPR, C::kTeams, false>);
+                ? ForwardKernel(cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kTPR,
+                                                                  C::kTeams, true>)
+                : ForwardKernel(cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kTPR,
+                                                                  C::kTeams, false>);
         const cuda_detail::DeviceInfo& info = device_info(device);
         // About two waves of blocks, 1-64 rows per team (at least 2 for block-wide teams, whose
         // constants cost as much to load as a row), balanced inside each run.
@@ -366,8 +363,8 @@ struct ForwardImpl {
       }
       const bool done = visit_block_row_config(a.dim_vecs, [&](auto config) {
         using C = decltype(config);
-        const void* kernel = reinterpret_cast<const void*>(
-            cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, false>);
+        ForwardKernel kernel =
+            cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, false>;
         // Slots for per-token scale/shift rows, prefetched with x by cp.async: those are a
         // second DRAM stream, and waiting for them after the row sum put two memory latencies in
         // series (ltx2b-i2v 78% -> 86%). Weight and shared rows stay L1 reads: copying them per
@@ -388,8 +385,7 @@ struct ForwardImpl {
         }
         a.pre_slot_bytes = static_cast<int>(slot_bytes);
         if (slot_bytes > 0) {
-          kernel = reinterpret_cast<const void*>(
-              cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>);
+          kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>;
         }
         allow_dynamic_smem(kernel, size_t(slot_bytes) * C::kTeams);
         // A block per row: short blocks retire and are replaced while others still wait on
@@ -403,11 +399,9 @@ struct ForwardImpl {
     }
     // Unvectorized short rows: warp teams. Everything else: one 512-thread block per row.
     const bool warp_teams = VEC == 1 && p.dim <= kSmallLoopDim;
-    const void* kernel =
-        warp_teams
-            ? reinterpret_cast<const void*>(cuda_detail::forward_loop_kernel<XT, M, 1, 32, 8>)
-            : reinterpret_cast<const void*>(
-                  cuda_detail::forward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
+    const ForwardKernel kernel =
+        warp_teams ? ForwardKernel(cuda_detail::forward_loop_kernel<XT, M, 1, 32, 8>)
+                   : ForwardKernel(cuda_detail::forward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
     const int threads = warp_teams ? 256 : kLoopBlockThreads;
     const int teams = warp_teams ? 8 : 1;
     const size_t stage_bytes = warp_teams ? 0 : size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);

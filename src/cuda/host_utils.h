@@ -94,6 +94,12 @@ inline void allow_dynamic_smem(const void* kernel, size_t dynamic_smem) {
   }
 }
 
+// The same for a kernel of known type.
+template <typename... Params>
+void allow_dynamic_smem(void (*kernel)(Params...), size_t dynamic_smem) {
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), dynamic_smem);
+}
+
 // Resident blocks per SM for a kernel at a launch shape; cached, since the backward's fixed
 // row-to-block assignment (and so its workspace size) is derived from it.
 inline int blocks_per_sm(int device, const void* kernel, int threads, size_t dynamic_smem) {
@@ -113,6 +119,10 @@ inline int blocks_per_sm(int device, const void* kernel, int threads, size_t dyn
   std::lock_guard<std::mutex> lock(mutex);
   cache.emplace(key, blocks);
   return blocks;
+}
+template <typename... Params>
+int blocks_per_sm(int device, void (*kernel)(Params...), int threads, size_t dynamic_smem) {
+  return blocks_per_sm(device, reinterpret_cast<const void*>(kernel), threads, dynamic_smem);
 }
 
 inline bool aligned_to(const void* p, size_t alignment) {

@@ -14,6 +14,7 @@ namespace modnorm::detail {
 
 using cuda_detail::DevMap;
 using cuda_detail::ForwardArgs;
+using cuda_detail::ForwardKernel;
 using cuda_detail::XRaw;
 using cuda_detail::allow_dynamic_smem;
 using cuda_detail::blocks_per_sm;
@@ -168,27 +169,22 @@ cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t dynamic_smem, cud
   return config;
 }
 
-// Launches `kernel`, a __global__ function taking one Args by value, on `grid` x `threads` with
-// `smem` bytes of dynamic shared memory (launch_config: programmatically on sm_90+).
-template <typename Args>
-void launch_kernel(const void* kernel, int64_t grid, int threads, size_t smem, Args& a,
-                   cudaStream_t stream, int device, const char* name) {
-  cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = launch_config(dim3(static_cast<unsigned>(grid)),
-                                                  dim3(static_cast<unsigned>(threads)), smem,
-                                                  stream, device, attribute);
-  void* args[] = {&a};
-  cuda_detail::check_launched(cudaLaunchKernelExC(&config, kernel, args), name);
-}
-
-// The same for a kernel of known type (its arguments checked against its parameters), on any grid
-// and block shape.
+// Launches `kernel` on any grid and block shape with `smem` bytes of dynamic shared memory
+// (launch_config: programmatically on sm_90+); `args` are checked against its parameters.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t stream, int device, const char* name, const Args&... args) {
   cudaLaunchAttribute attribute;
   const cudaLaunchConfig_t config = launch_config(grid, block, smem, stream, device, attribute);
   cuda_detail::check_launched(cudaLaunchKernelEx(&config, kernel, args...), name);
+}
+
+// The same for a kernel taking one argument struct, on a 1-D grid of `grid` blocks of `threads`.
+template <typename Args>
+void launch_kernel(void (*kernel)(Args), int64_t grid, int threads, size_t smem, const Args& a,
+                   cudaStream_t stream, int device, const char* name) {
+  launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(static_cast<unsigned>(threads)),
+                smem, stream, device, name, a);
 }
 }  // namespace
 
@@ -202,7 +198,7 @@ constexpr size_t kStaticSmemReserve = 1024;
 // the row is staged in dynamic shared memory when `stage_bytes` (0: never) fits beside the
 // static reservation.
 template <typename Args>
-void launch_loop_kernel(const void* kernel, Args& a, int threads, int teams, size_t stage_bytes,
+void launch_loop_kernel(void (*kernel)(Args), Args& a, int threads, int teams, size_t stage_bytes,
                         int64_t rows, int device, cudaStream_t stream, const char* name) {
   const cuda_detail::DeviceInfo& info = device_info(device);
   size_t smem = 0;
