@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build against its torch, run the GPU tests, compute-sanitizer on a
 # representative subset, then the benchmark; prints a short table last.
-#   usage (device machine, repo root): bash scripts/gpu_run.sh [tests|sanitize|bench|all]...
+#   usage (device machine, repo root): bash scripts/gpu_run.sh [tests|sanitize|bench|all|mutant]...
+# `mutant` (not part of `all`) checks that the programmatic-launch chain test can fail at all: it
+# runs tests/python/programmatic_chains.py against a second build whose kernels do not wait for
+# the kernel before them, and reports each chain's mismatches (none would mean the test cannot
+# tell that build from a correct one).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -16,10 +20,12 @@ if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-t0=$(date +%s)
-MODNORM_USE_SYSTEM_PYTHON=1 MODNORM_BUILD_DIR=build/gpu MODNORM_REQUIRE_GTEST=OFF \
-  bash -c 'source scripts/env.sh' > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
+if want tests || want sanitize || want bench; then
+  t0=$(date +%s)
+  MODNORM_USE_SYSTEM_PYTHON=1 MODNORM_BUILD_DIR=build/gpu MODNORM_REQUIRE_GTEST=OFF \
+    bash -c 'source scripts/env.sh' > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
 cd "$ROOT/tests/python"
 
 if want tests; then
@@ -49,4 +55,40 @@ if want bench; then
   python3 -m modnorm.bench --out "$OUT" ${MODNORM_BENCH_ARGS:-} > "$OUT/bench.log" 2> "$OUT/bench-progress.log"
   echo "bench rc=$?"
   tail -12 "$OUT/bench.log"
+fi
+if [[ " $STEPS " == *" mutant "* ]]; then
+  cd "$ROOT"
+  t0=$(date +%s)
+  MUT=/tmp/modnorm-mutant
+  rm -rf "$MUT" && mkdir -p "$MUT/src"
+  git ls-files -z | xargs -0 cp --parents -t "$MUT/src"
+  # The one wait every kernel calls (wait_for_prior_grid), removed.
+  python3 - "$MUT/src/src/cuda/device_utils.cuh" <<'PY' || exit 1
+import sys
+path = sys.argv[1]
+text = open(path).read()
+wait = 'asm volatile("griddepcontrol.wait;\\n" ::: "memory");'
+if text.count(wait) != 1:
+    sys.exit("mutant: expected exactly one griddepcontrol.wait in " + path)
+open(path, "w").write(text.replace(wait, "/* mutant: no wait */"))
+PY
+  (cd "$MUT/src" && python3 -m pip install -q --no-build-isolation --no-deps --target "$MUT/site" \
+     -C build-dir="$MUT/build" -C cmake.define.MODNORM_TESTS=OFF -C cmake.define.MODNORM_ONNX=OFF \
+     -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90a-real .) > "$OUT/mutant-build.log" 2>&1 \
+    || { tail -30 "$OUT/mutant-build.log"; exit 1; }
+  echo "mutant build: $(( $(date +%s) - t0 )) s"
+  for pdl in 1 early; do
+    env -u MODNORM_POISON_OUTPUTS MODNORM_PDL=$pdl PYTHONPATH="$MUT/site${PYTHONPATH:+:$PYTHONPATH}" \
+      python3 tests/python/programmatic_chains.py > "$OUT/mutant-pdl-$pdl.json" 2> "$OUT/mutant-pdl-$pdl.err"
+    rc=$?
+    echo "mutant, MODNORM_PDL=$pdl: rc=$rc"
+    if (( rc != 0 )); then tail -5 "$OUT/mutant-pdl-$pdl.err"; continue; fi
+    python3 - "$OUT/mutant-pdl-$pdl.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(f"  seed {d.pop('seed')}")
+for case, r in d.items():
+    print(f"  {case:10s} {len(r['mismatch']):3d} mismatches  {r['mismatch'][:2]}")
+PY
+  done
 fi
