@@ -73,6 +73,9 @@ struct BackwardArgs {
   int ring_stages = 0;
 };
 
+// Every backward row kernel's type (the host plans and launches them through this).
+using BackwardKernel = void (*)(BackwardArgs);
+
 template <int THREADS>
 constexpr int backward_min_blocks() {
   return THREADS >= 512 ? 1 : 512 / THREADS;

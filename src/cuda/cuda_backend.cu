@@ -31,6 +31,7 @@ namespace modnorm::detail {
 namespace {
 
 using cuda_detail::BackwardArgs;
+using cuda_detail::BackwardKernel;
 using cuda_detail::ColumnArgs;
 
 
@@ -218,7 +219,7 @@ struct BackwardImpl {
                                : (shift_shared ? GradRoute::kColumn : GradRoute::kDirect);
     l.dweight = bp.need_dweight ? GradRoute::kColumn : GradRoute::kNone;
 
-    const void* kernel = nullptr;
+    BackwardKernel kernel = nullptr;
     if (l.vectorized) {
       const int dv = static_cast<int>(dim_vecs);
       // The pipe kernel where it measured faster (v0.2, H200): per-token scale rows streamed
@@ -244,8 +245,8 @@ struct BackwardImpl {
       // allow keep ~`in_flight` bytes per SM (0: kBlockRingStages), as far as shared memory
       // allows (none if two do not fit). The stages also hold a tile ring's team partials at the
       // end (>= teams * dim floats).
-      auto take_ring = [&](const void* ring_kernel, int threads, int teams, int64_t stage_bytes,
-                           int64_t in_flight, bool token) {
+      auto take_ring = [&](BackwardKernel ring_kernel, int threads, int teams,
+                           int64_t stage_bytes, int64_t in_flight, bool token) {
         const int reg_blocks = blocks_per_sm(device, ring_kernel, threads, 0);
         int stages = forced_stages > 0 ? forced_stages
                      : in_flight == 0  ? kBlockRingStages
@@ -277,7 +278,7 @@ struct BackwardImpl {
             short_fits(dv) && bp.need_dx && l.dscale != GradRoute::kDirect &&
             l.dshift != GradRoute::kDirect) {
           visit_short_kernel<XT, M, kVec>(dv, bp.need_dshift, [&](auto short_kernel) {
-            kernel = reinterpret_cast<const void*>(short_kernel);
+            kernel = short_kernel;
           });
           l.threads = cuda_detail::kShortThreads;
           l.teams = cuda_detail::kShortThreads / dv;
@@ -293,9 +294,9 @@ struct BackwardImpl {
           visit_backward_config<kVec>(dv, [&](auto config) {
             using C = decltype(config);
             if constexpr (C::kTeams > 1) {
-              const void* ring_kernel = reinterpret_cast<const void*>(
+              const BackwardKernel ring_kernel =
                   cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams,
-                                                     true, false>);
+                                                     true, false>;
               const int64_t stage_bytes =
                   round_up(2 * int64_t(C::kTeams) * dv * 16 + int64_t(C::kTeams) * 4, 16);
               // ~32 KB in flight per SM: on qk-norm 3 stages (33 KB) beat 5 (66 KB) and 8 by
@@ -311,8 +312,7 @@ struct BackwardImpl {
             !lean_off && dv > 64 && info.cc_major >= 9 && lean_fits(dv) && bp.need_dx &&
             l.dscale != GradRoute::kDirect && l.dshift != GradRoute::kDirect) {
           visit_lean_kernel<XT, M, kVec>(bp.need_dshift, [&](auto lean_kernel) {
-            take_ring(reinterpret_cast<const void*>(lean_kernel), dv, 1, 2 * int64_t(dv) * 16, 0,
-                      false);
+            take_ring(lean_kernel, dv, 1, 2 * int64_t(dv) * 16, 0, false);
           });
           l.lean = l.reg_path;
         }
@@ -321,11 +321,10 @@ struct BackwardImpl {
           visit_backward_config<kVec, true>(dv, [&](auto config) {
             using C = decltype(config);
             if constexpr (C::kTeams == 1) {  // dv > 64: block-wide shapes only
-              const void* ring_kernel =
-                  token_ring ? reinterpret_cast<const void*>(cuda_detail::backward_const_kernel<
-                                   XT, M, kVec, C::kNV, C::kTPR, 1, true, true>)
-                             : reinterpret_cast<const void*>(cuda_detail::backward_const_kernel<
-                                   XT, M, kVec, C::kNV, C::kTPR, 1, true, false>);
+              const BackwardKernel ring_kernel =
+                  token_ring
+                      ? cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true, true>
+                      : cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, 1, true, false>;
               const int64_t m_row_bytes =
                   token_ring ? p.dim * int64_t(dtype_size(p.scale.dtype)) : 0;
               const int64_t stage_bytes = 2 * int64_t(dv) * 16 + m_row_bytes;
@@ -359,8 +358,7 @@ struct BackwardImpl {
           if (smem + kStaticSmemReserve > info.max_smem_optin) return;
           l.cache_w = cache_w;
           l.cache_s = cache_s;
-          kernel = reinterpret_cast<const void*>(
-              cuda_detail::backward_pipe_kernel<XT, M, kVec, S::kNV, S::kTPR>);
+          kernel = cuda_detail::backward_pipe_kernel<XT, M, kVec, S::kNV, S::kTPR>;
           l.threads = threads;
           l.teams = teams;
           l.reg_smem = smem;
@@ -376,12 +374,10 @@ struct BackwardImpl {
       if (!l.reg_path) {
         l.reg_path = visit_backward_config<kVec>(dv, [&](auto config) {
           using C = decltype(config);
-          kernel = reinterpret_cast<const void*>(
-              cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>);
+          kernel = cuda_detail::backward_reg_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
           if constexpr (M != CastingMode::kGemma) {
             if (const_candidate) {
-              kernel = reinterpret_cast<const void*>(
-                  cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>);
+              kernel = cuda_detail::backward_const_kernel<XT, M, kVec, C::kNV, C::kTPR, C::kTeams>;
               l.const_mod = true;
             }
           }
@@ -700,10 +696,9 @@ struct BackwardImpl {
       auto go = [&](auto vec_tag) {
         constexpr int VEC = decltype(vec_tag)::value;
         const bool warp_teams = VEC == 1 && p.dim <= kSmallLoopDim;
-        using LoopKernel = void (*)(cuda_detail::BackwardArgs);
-        const LoopKernel kernel =
-            warp_teams ? LoopKernel(cuda_detail::backward_loop_kernel<XT, M, 1, 32, 8>)
-                       : LoopKernel(cuda_detail::backward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
+        const BackwardKernel kernel =
+            warp_teams ? cuda_detail::backward_loop_kernel<XT, M, 1, 32, 8>
+                       : cuda_detail::backward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>;
         const int threads = warp_teams ? 256 : kLoopBlockThreads;
         const int teams = warp_teams ? 8 : 1;
         const size_t stage_bytes = warp_teams ? 0 : 2 * size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);

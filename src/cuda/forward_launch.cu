@@ -156,8 +156,8 @@ struct ForwardImpl {
     }
     const bool pre = run == 0 && preload_modulation(p);
     const ForwardKernel kernel =
-        pre ? ForwardKernel(cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, true>)
-            : ForwardKernel(cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, false>);
+        pre ? cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, true>
+            : cuda_detail::forward_rows_kernel<XT, M, VEC, C::kNV, C::kTPR, false>;
     // Tiles: a few rows per team, as many as leave at least two waves of blocks.
     const int occupancy = blocks_per_sm(device, kernel, C::kThreads, size_t(smem));
     const int64_t wave_rows = int64_t(info.sm_count) * occupancy * C::kTeams;
@@ -201,7 +201,7 @@ struct ForwardImpl {
   }
 
   // Launches `kernel` (if any) on `grid` blocks; false when there is none or the grid is too big.
-  static bool launch_rows_grid(ForwardKernel kernel, int64_t grid, int threads, ForwardArgs& a,
+  static bool launch_rows_grid(ForwardKernel kernel, int64_t grid, int threads, const ForwardArgs& a,
                                cudaStream_t stream, int device, const char* name) {
     if (kernel == nullptr || grid > INT_MAX) return false;
     launch_kernel(kernel, grid, threads, 0, a, stream, device, name);
@@ -312,10 +312,8 @@ struct ForwardImpl {
         using C = decltype(config);
         const ForwardKernel kernel =
             p.shift.present()
-                ? ForwardKernel(cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kTPR,
-                                                                  C::kTeams, true>)
-                : ForwardKernel(cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kTPR,
-                                                                  C::kTeams, false>);
+                ? cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>
+                : cuda_detail::forward_const_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, false>;
         const cuda_detail::DeviceInfo& info = device_info(device);
         // About two waves of blocks, 1-64 rows per team (at least 2 for block-wide teams, whose
         // constants cost as much to load as a row), balanced inside each run.
@@ -400,8 +398,8 @@ struct ForwardImpl {
     // Unvectorized short rows: warp teams. Everything else: one 512-thread block per row.
     const bool warp_teams = VEC == 1 && p.dim <= kSmallLoopDim;
     const ForwardKernel kernel =
-        warp_teams ? ForwardKernel(cuda_detail::forward_loop_kernel<XT, M, 1, 32, 8>)
-                   : ForwardKernel(cuda_detail::forward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>);
+        warp_teams ? cuda_detail::forward_loop_kernel<XT, M, 1, 32, 8>
+                   : cuda_detail::forward_loop_kernel<XT, M, VEC, kLoopBlockThreads, 1>;
     const int threads = warp_teams ? 256 : kLoopBlockThreads;
     const int teams = warp_teams ? 8 : 1;
     const size_t stage_bytes = warp_teams ? 0 : size_t(a.dim_vecs) * sizeof(XRaw<XT, VEC>);
