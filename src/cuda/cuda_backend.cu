@@ -492,7 +492,6 @@ struct BackwardImpl {
   template <typename Kernel>
   static void launch_row_pass(Kernel kernel, const BackwardArgs& a, const BackwardLayout& l,
                               int threads, int device, cudaStream_t stream, const char* what) {
-    allow_dynamic_smem(kernel, l.reg_smem);
     launch_kernel(kernel, dim3(static_cast<unsigned>(l.blocks)), dim3(static_cast<unsigned>(threads)),
                   l.reg_smem, stream, device, what, a);
   }

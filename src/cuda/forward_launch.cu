@@ -171,7 +171,6 @@ struct ForwardImpl {
       if (grid <= INT_MAX) break;
     }
     a.tile_rows = tile_rows;
-    allow_dynamic_smem(kernel, size_t(smem));
     launch_kernel(kernel, grid, C::kThreads, size_t(smem), a, stream, device,
                   "modnorm forward_rows_kernel");
   }
@@ -385,7 +384,6 @@ struct ForwardImpl {
         if (slot_bytes > 0) {
           kernel = cuda_detail::forward_reg_kernel<XT, M, VEC, C::kNV, C::kTPR, C::kTeams, true>;
         }
-        allow_dynamic_smem(kernel, size_t(slot_bytes) * C::kTeams);
         // A block per row: short blocks retire and are replaced while others still wait on
         // memory (measured faster than a persistent grid here). The kernel strides over rows,
         // so the launch limit is the only cap.

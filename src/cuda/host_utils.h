@@ -83,8 +83,9 @@ inline const DeviceInfo& device_info(int device) {
   return cache.emplace(device, info).first->second;
 }
 
-// Kernels needing more than the default 48 KB of dynamic shared memory must opt in; done before
-// every such launch, since another shape may have set the kernel's limit lower since.
+// Kernels needing more than the default 48 KB of dynamic shared memory must opt in; launch_kernel
+// does it before every such launch, since another shape may have set the kernel's limit lower
+// since.
 inline void allow_dynamic_smem(const void* kernel, size_t dynamic_smem) {
   // The default 48 KB covers static and dynamic shared memory together.
   if (dynamic_smem + 1024 > 48 * 1024) {
@@ -92,12 +93,6 @@ inline void allow_dynamic_smem(const void* kernel, size_t dynamic_smem) {
                                     static_cast<int>(dynamic_smem)),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   }
-}
-
-// The same for a kernel of known type.
-template <typename... Params>
-void allow_dynamic_smem(void (*kernel)(Params...), size_t dynamic_smem) {
-  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), dynamic_smem);
 }
 
 // Resident blocks per SM for a kernel at a launch shape; cached, since the backward's fixed

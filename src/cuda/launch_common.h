@@ -170,10 +170,12 @@ cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t dynamic_smem, cud
 }
 
 // Launches `kernel` on any grid and block shape with `smem` bytes of dynamic shared memory
-// (launch_config: programmatically on sm_90+); `args` are checked against its parameters.
+// (launch_config: programmatically on sm_90+), opted into first where it is over the default
+// (allow_dynamic_smem); `args` are checked against its parameters.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t stream, int device, const char* name, const Args&... args) {
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   cudaLaunchAttribute attribute;
   const cudaLaunchConfig_t config = launch_config(grid, block, smem, stream, device, attribute);
   cuda_detail::check_launched(cudaLaunchKernelEx(&config, kernel, args...), name);
@@ -209,7 +211,6 @@ void launch_loop_kernel(void (*kernel)(Args), Args& a, int threads, int teams, s
   }
   const int occupancy = blocks_per_sm(device, kernel, threads, smem);
   const int64_t grid = std::min<int64_t>(ceil_div(rows, teams), int64_t(info.sm_count) * occupancy);
-  allow_dynamic_smem(kernel, smem);
   launch_kernel(kernel, grid, threads, smem, a, stream, device, name);
 }
 
