@@ -2,10 +2,10 @@
 # One call on the GPU machine: build against its torch, run the GPU tests, compute-sanitizer on a
 # representative subset, then the benchmark; prints a short table last.
 #   usage (device machine, repo root): bash scripts/gpu_run.sh [tests|sanitize|bench|all|mutant]...
-# `mutant` (not part of `all`) checks that the programmatic-launch chain test can fail at all: it
-# runs tests/python/programmatic_chains.py against a second build whose kernels do not wait for
-# the kernel before them, and reports each chain's mismatches (none would mean the test cannot
-# tell that build from a correct one).
+# `mutant` (not part of `all`) checks that the programmatic-launch tests can fail at all: it runs
+# tests/python/programmatic_chains.py against a second build whose kernels do not wait for the
+# kernel before them, and reports each case's mismatches, in the chains and after the late
+# producer (none would mean that part cannot tell that build from a correct one).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -88,7 +88,8 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 print(f"  seed {d.pop('seed')}")
 for case, r in d.items():
-    print(f"  {case:10s} {len(r['mismatch']):3d} mismatches  {r['mismatch'][:2]}")
+    print(f"  {case:10s} chain {len(r['mismatch']):3d} mismatches  {r['mismatch'][:2]}; "
+          f"late producer {len(r['late_mismatch']):3d}  {r['late_mismatch'][:2]}")
 PY
   done
 fi

@@ -12,7 +12,16 @@ kernels of a chain.
 Each round starts from fresh inputs, so a buffer the allocator hands out again holds an earlier
 round's values, never this round's: a read that came early would give wrong numbers. Every
 result must be bitwise that of the same operation run on its own (inputs cloned, the device
-synchronized around it). Prints one JSON line: the seed, and case -> {"mismatch": [...],
+synchronized around it).
+
+The chains can only catch a missing wait where the kernel before releases the next launch
+before its last writes, and a modnorm kernel's blocks write within a few microseconds of
+starting: a forward reading a forward's output mostly started after it was written anyway. So
+each operation also runs right after a late producer (late_copy, Triton): a kernel that releases
+the next launch as its first statement, then waits LATE_NS on the global timer, then copies the
+operation's input into a buffer filled with NaN. A kernel that did not wait for it reads NaN.
+
+Prints one JSON line: the seed, and case -> {"mismatch": [...], "late_mismatch": [...],
 "kernels": [...]}.
 """
 
@@ -21,6 +30,8 @@ import os
 import random
 
 import torch
+import triton
+import triton.language as tl
 
 import modnorm  # noqa: F401  (registers torch.ops.modnorm)
 from helpers import make_inputs
@@ -41,6 +52,38 @@ CASES = {
     "loop": (1, 120, 40000, True, "per_sample_3d", BF16),
 }
 ROUNDS = 8
+LATE_ROUNDS = 2
+LATE_NS = 200_000  # far longer than any of these cases' kernels
+
+
+@triton.jit
+def _global_timer_ns():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _late_copy_kernel(src, dst, n, late_ns, BLOCK: tl.constexpr):
+    # PTX griddepcontrol.launch_dependents: a kernel launched programmatically after this one may
+    # start now. Not pure, so it is kept although its (dummy) result is unused.
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    start = _global_timer_ns()
+    now = start
+    while now - start < late_ns:
+        now = _global_timer_ns()
+    for first in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offsets = first + tl.arange(0, BLOCK)
+        inside = offsets < n
+        tl.store(dst + offsets, tl.load(src + offsets, mask=inside), mask=inside)
+
+
+def late_copy(t):
+    """A NaN-filled copy of t, written LATE_NS after the kernel launched next may start."""
+    out = torch.full_like(t, float("nan"))
+    assert t.is_contiguous() and t.numel() * t.element_size() % 4 == 0
+    src, dst = t.view(-1).view(torch.int32), out.view(-1).view(torch.int32)
+    # Eight programs: most SMs stay free for the kernel launched next.
+    _late_copy_kernel[(8,)](src, dst, src.numel(), LATE_NS, BLOCK=1024)
+    return out
 
 
 def operands(B, T, D, weight, kind, mod_dtype):
@@ -86,6 +129,31 @@ def one_by_one(x, w, s, h, dy):
     return [y1, y2, r2, *g, *gi, buf, y4]
 
 
+def late_inputs(x, w, s, h, dy, rstd):
+    """Each operation on an input that late_copy writes right before it. Returns
+    [(name, result, result of the same operation on the input itself, run alone)]."""
+    mask = [True, w is not None, s is not None, h is not None]
+    fwd = lambda x_: OPS.fwd(x_, w, s, h, EPS, 0.0, 1.0, "llama")
+    fwd_y = lambda x_: OPS.fwd_y(x_, w, s, h, EPS, 0.0, 1.0, "llama")
+    bwd = lambda dy_: OPS.bwd(dy_, x, rstd, w, s, h, 0.0, 1.0, "llama", mask)
+    bwd_rstd = lambda r_: OPS.bwd(dy, x, r_, w, s, h, 0.0, 1.0, "llama", mask)
+    bwd_inplace = lambda x_: OPS.bwd_inplace(dy.clone(), x_, rstd, w, s, h, 0.0, 1.0, "llama", mask)
+    runs = []
+    for name, op, arg in (("fwd x", fwd, x), ("fwd_y x", fwd_y, x), ("bwd dy", bwd, dy),
+                          ("bwd rstd", bwd_rstd, rstd), ("bwd_inplace x", bwd_inplace, x)):
+        torch.cuda.synchronize()
+        got = op(late_copy(arg))
+        torch.cuda.synchronize()
+        want = op(arg.clone())
+        torch.cuda.synchronize()
+        runs.append((name, got, want))
+    return runs
+
+
+def as_list(result):
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
 def main():
     # Fresh inputs every run; MODNORM_TEST_SEED replays one (the seed is in the output).
     seed = int(os.environ.get("MODNORM_TEST_SEED", random.randrange(2**31)))
@@ -104,11 +172,20 @@ def main():
             for i, (a, b) in enumerate(zip(got, want)):
                 if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
                     mismatch.append(f"round {round_}, result {i}")
+        late_mismatch = []
+        for round_ in range(LATE_ROUNDS):
+            x, w, s, h = operands(B, T, D, weight, kind, mod_dtype)
+            dy = torch.randn_like(x)
+            rstd = OPS.fwd(x, w, s, h, EPS, 0.0, 1.0, "llama")[1]
+            for op, got, want in late_inputs(x, w, s, h, dy, rstd):
+                for i, (a, b) in enumerate(zip(as_list(got), as_list(want))):
+                    if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                        late_mismatch.append(f"round {round_}, {op}, result {i}")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             chain(*operands(B, T, D, weight, kind, mod_dtype), torch.randn(B, T, D, device="cuda", dtype=BF16))
             torch.cuda.synchronize()
         kernels = sorted({e.name for e in prof.events() if "modnorm" in e.name or "_kernel<" in e.name})
-        results[name] = {"mismatch": mismatch, "kernels": kernels}
+        results[name] = {"mismatch": mismatch, "late_mismatch": late_mismatch, "kernels": kernels}
     print(json.dumps(results))
 
 

@@ -377,7 +377,9 @@ def test_backward_row_pass_waits_for_the_kernel_before(D, T, kind, mode, kernel)
 # kernels), and compares every result bitwise with the same operation run alone: once as shipped
 # (the backward's row kernels release the finalize early), once with MODNORM_PDL=early, where the
 # forward kernels also release the next launch as soon as their waits return, so a kernel that
-# did not wait would read inputs not yet written.
+# did not wait would read inputs not yet written. A modnorm kernel writes within microseconds of
+# starting, so the chains alone caught a build without the wait in one case of six (performance
+# log, session 22); the same process also runs each operation after a late producer (below).
 @pytest.fixture(scope="module")
 def programmatic_chains():
     import json
@@ -417,6 +419,17 @@ def test_kernel_chains_wait_for_the_kernel_before(programmatic_chains, case, ker
     assert any(kernel in n for n in result["kernels"]), (seed, result["kernels"])
     assert any("backward_" in n for n in result["kernels"]), (seed, result["kernels"])
     assert not result["mismatch"], (seed, result["mismatch"])
+
+
+# The same cases, each operation (forward, forward without rstd, backward, in-place backward)
+# right after a kernel that releases the next launch at once and writes the operation's input
+# 200 us later (programmatic_chains.late_copy): only the wait keeps the kernel from reading NaN.
+@pytest.mark.parametrize("pdl", ["1", "early"])
+@pytest.mark.parametrize("case", ["row_block", "row_tile", "const", "rows", "reg", "loop"])
+def test_kernels_wait_for_a_kernel_that_releases_them_at_once(programmatic_chains, case, pdl):
+    result = programmatic_chains[pdl][case]
+    seed = f"MODNORM_TEST_SEED={programmatic_chains[pdl]['seed']}"
+    assert not result["late_mismatch"], (seed, result["late_mismatch"])
 
 
 @pytest.mark.parametrize("kind", ["per_sample", "shared", "none"])
