@@ -88,8 +88,12 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 print(f"  seed {d.pop('seed')}")
 for case, r in d.items():
-    print(f"  {case:10s} chain {len(r['mismatch']):3d} mismatches  {r['mismatch'][:2]}; "
-          f"late producer {len(r['late_mismatch']):3d}  {r['late_mismatch'][:2]}")
+    # Late-producer mismatches per "operation input" (an operation never caught stays visible).
+    late = {}
+    for m in r["late_mismatch"]:
+        op = m.split(", ")[1]
+        late[op] = late.get(op, 0) + 1
+    print(f"  {case:10s} chain {len(r['mismatch']):3d} mismatches  {r['mismatch'][:2]}; late producer {late}")
 PY
   done
 fi

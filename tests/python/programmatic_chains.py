@@ -18,8 +18,9 @@ The chains can only catch a missing wait where the kernel before releases the ne
 before its last writes, and a modnorm kernel's blocks write within a few microseconds of
 starting: a forward reading a forward's output mostly started after it was written anyway. So
 each operation also runs right after a late producer (late_copy, Triton): a kernel that releases
-the next launch as its first statement, then waits LATE_NS on the global timer, then copies the
-operation's input into a buffer filled with NaN. A kernel that did not wait for it reads NaN.
+the next launch as its first statement, then waits LATE_NS (1 ms) on the global timer, then copies
+one of the operation's inputs into a buffer filled with NaN. A kernel that did not wait for it
+reads NaN.
 
 Prints one JSON line: the seed, and case -> {"mismatch": [...], "late_mismatch": [...],
 "kernels": [...]}.
@@ -53,7 +54,9 @@ CASES = {
 }
 ROUNDS = 8
 LATE_ROUNDS = 2
-LATE_NS = 200_000  # far longer than any of these cases' kernels
+# Longer than these cases' kernels and than the host's time from the producer's launch to the
+# operation's, a collection pause included.
+LATE_NS = 1_000_000
 
 
 @triton.jit
@@ -129,24 +132,34 @@ def one_by_one(x, w, s, h, dy):
     return [y1, y2, r2, *g, *gi, buf, y4]
 
 
+# (operation, input late_copy writes): every input of each operation in turn.
+LATE_RUNS = [("fwd", "x"), ("fwd_y", "x"), ("bwd", "dy"), ("bwd", "x"), ("bwd", "rstd"),
+             ("bwd_inplace", "dy"), ("bwd_inplace", "x"), ("bwd_inplace", "rstd")]
+
+
 def late_inputs(x, w, s, h, dy, rstd):
-    """Each operation on an input that late_copy writes right before it. Returns
-    [(name, result, result of the same operation on the input itself, run alone)]."""
+    """Each operation with one input written by late_copy, the last launch before the operation
+    (any other copy comes before the producer: a kernel between them would wait for it in full).
+    Returns [(name, results, results of the same operation on its inputs, run alone)]."""
     mask = [True, w is not None, s is not None, h is not None]
-    fwd = lambda x_: OPS.fwd(x_, w, s, h, EPS, 0.0, 1.0, "llama")
-    fwd_y = lambda x_: OPS.fwd_y(x_, w, s, h, EPS, 0.0, 1.0, "llama")
-    bwd = lambda dy_: OPS.bwd(dy_, x, rstd, w, s, h, 0.0, 1.0, "llama", mask)
-    bwd_rstd = lambda r_: OPS.bwd(dy, x, r_, w, s, h, 0.0, 1.0, "llama", mask)
-    bwd_inplace = lambda x_: OPS.bwd_inplace(dy.clone(), x_, rstd, w, s, h, 0.0, 1.0, "llama", mask)
+    ops = {
+        "fwd": lambda a: OPS.fwd(a["x"], w, s, h, EPS, 0.0, 1.0, "llama"),
+        "fwd_y": lambda a: OPS.fwd_y(a["x"], w, s, h, EPS, 0.0, 1.0, "llama"),
+        "bwd": lambda a: OPS.bwd(a["dy"], a["x"], a["rstd"], w, s, h, 0.0, 1.0, "llama", mask),
+        # dx is written over dy: it is the first result
+        "bwd_inplace": lambda a: (a["dy"], *OPS.bwd_inplace(a["dy"], a["x"], a["rstd"], w, s, h, 0.0, 1.0, "llama", mask)),
+    }
+    inputs = {"x": x, "dy": dy, "rstd": rstd}
     runs = []
-    for name, op, arg in (("fwd x", fwd, x), ("fwd_y x", fwd_y, x), ("bwd dy", bwd, dy),
-                          ("bwd rstd", bwd_rstd, rstd), ("bwd_inplace x", bwd_inplace, x)):
+    for op, late in LATE_RUNS:
         torch.cuda.synchronize()
-        got = op(late_copy(arg))
+        args = {k: v.clone() if op == "bwd_inplace" and k == "dy" else v for k, v in inputs.items()}
+        args[late] = late_copy(inputs[late])
+        got = ops[op](args)
         torch.cuda.synchronize()
-        want = op(arg.clone())
+        want = ops[op]({k: v.clone() for k, v in inputs.items()})
         torch.cuda.synchronize()
-        runs.append((name, got, want))
+        runs.append((f"{op} {late}", got, want))
     return runs
 
 

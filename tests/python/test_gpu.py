@@ -422,8 +422,9 @@ def test_kernel_chains_wait_for_the_kernel_before(programmatic_chains, case, ker
 
 
 # The same cases, each operation (forward, forward without rstd, backward, in-place backward)
-# right after a kernel that releases the next launch at once and writes the operation's input
-# 200 us later (programmatic_chains.late_copy): only the wait keeps the kernel from reading NaN.
+# right after a kernel that releases the next launch at once and writes one of the operation's
+# inputs 1 ms later (programmatic_chains.late_copy), each input in turn: only the wait keeps the
+# operation's first kernel from reading NaN.
 @pytest.mark.parametrize("pdl", ["1", "early"])
 @pytest.mark.parametrize("case", ["row_block", "row_tile", "const", "rows", "reg", "loop"])
 def test_kernels_wait_for_a_kernel_that_releases_them_at_once(programmatic_chains, case, pdl):
