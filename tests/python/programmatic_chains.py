@@ -23,7 +23,7 @@ one of the operation's inputs into a buffer filled with NaN. A kernel that did n
 reads NaN.
 
 Prints one JSON line: the seed, and case -> {"mismatch": [...], "late_mismatch": [...],
-"kernels": [...]}.
+"late_compared": tensors compared after the late producer, "kernels": [...]}.
 """
 
 import json
@@ -185,20 +185,22 @@ def main():
             for i, (a, b) in enumerate(zip(got, want)):
                 if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
                     mismatch.append(f"round {round_}, result {i}")
-        late_mismatch = []
+        late_mismatch, late_compared = [], 0
         for round_ in range(LATE_ROUNDS):
             x, w, s, h = operands(B, T, D, weight, kind, mod_dtype)
             dy = torch.randn_like(x)
             rstd = OPS.fwd(x, w, s, h, EPS, 0.0, 1.0, "llama")[1]
             for op, got, want in late_inputs(x, w, s, h, dy, rstd):
                 for i, (a, b) in enumerate(zip(as_list(got), as_list(want))):
+                    late_compared += a is not None
                     if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
                         late_mismatch.append(f"round {round_}, {op}, result {i}")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             chain(*operands(B, T, D, weight, kind, mod_dtype), torch.randn(B, T, D, device="cuda", dtype=BF16))
             torch.cuda.synchronize()
         kernels = sorted({e.name for e in prof.events() if "modnorm" in e.name or "_kernel<" in e.name})
-        results[name] = {"mismatch": mismatch, "late_mismatch": late_mismatch, "kernels": kernels}
+        results[name] = {"mismatch": mismatch, "late_mismatch": late_mismatch, "late_compared": late_compared,
+                         "kernels": kernels}
     print(json.dumps(results))
 
 
