@@ -167,6 +167,11 @@ def as_list(result):
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
+def differs(a, b):
+    """Whether two results (tensors or None) are not bitwise the same."""
+    return (a is None) != (b is None) or (a is not None and not torch.equal(a, b))
+
+
 def main():
     # Fresh inputs every run; MODNORM_TEST_SEED replays one (the seed is in the output).
     seed = int(os.environ.get("MODNORM_TEST_SEED", random.randrange(2**31)))
@@ -183,7 +188,7 @@ def main():
             want = one_by_one(x, w, s, h, dy)
             assert len(got) == len(want)
             for i, (a, b) in enumerate(zip(got, want)):
-                if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                if differs(a, b):
                     mismatch.append(f"round {round_}, result {i}")
         late_mismatch, late_compared = [], 0
         for round_ in range(LATE_ROUNDS):
@@ -193,7 +198,7 @@ def main():
             for op, got, want in late_inputs(x, w, s, h, dy, rstd):
                 for i, (a, b) in enumerate(zip(as_list(got), as_list(want))):
                     late_compared += a is not None
-                    if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                    if differs(a, b):
                         late_mismatch.append(f"round {round_}, {op}, result {i}")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             chain(*operands(B, T, D, weight, kind, mod_dtype), torch.randn(B, T, D, device="cuda", dtype=BF16))
