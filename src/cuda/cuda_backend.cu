@@ -489,8 +489,7 @@ struct BackwardImpl {
   // session 19): ltx2b-t2v 102.2-103.1 / 100.0-100.8 us, ltx13b 203.0-204.0 / 200.8-201.6,
   // mochi 472.7-473.3 / 470.0-470.9, wan14b 578.7-579.9 / 576.1-577.4, qk-norm 110.5-111.8 /
   // 109.5-110.3, flux level; the backward alone (after do_bench's flush) level.
-  template <typename Kernel>
-  static void launch_row_pass(Kernel kernel, const BackwardArgs& a, const BackwardLayout& l,
+  static void launch_row_pass(BackwardKernel kernel, const BackwardArgs& a, const BackwardLayout& l,
                               int threads, int device, cudaStream_t stream, const char* what) {
     launch_kernel(kernel, dim3(static_cast<unsigned>(l.blocks)), dim3(static_cast<unsigned>(threads)),
                   l.reg_smem, stream, device, what, a);
