@@ -84,15 +84,12 @@ PY
     echo "mutant, MODNORM_PDL=$pdl: rc=$rc"
     if (( rc != 0 )); then tail -5 "$OUT/mutant-pdl-$pdl.err"; continue; fi
     python3 - "$OUT/mutant-pdl-$pdl.json" <<'PY'
-import json, sys
+import collections, json, sys
 d = json.load(open(sys.argv[1]))
 print(f"  seed {d.pop('seed')}")
 for case, r in d.items():
     # Late-producer mismatches per "operation input" (an operation never caught stays visible).
-    late = {}
-    for m in r["late_mismatch"]:
-        op = m.split(", ")[1]
-        late[op] = late.get(op, 0) + 1
+    late = dict(collections.Counter(m.split(", ")[1] for m in r["late_mismatch"]))
     print(f"  {case:10s} chain {len(r['mismatch']):3d} mismatches  {r['mismatch'][:2]}; late producer {late}")
 PY
   done
